@@ -1,0 +1,328 @@
+"""The run configuration: YAML -> validated dataclasses.
+
+Every error names the file and the dotted key. Unknown keys are rejected with a
+"did you mean"; wrong types are named with the key. Relative paths in a config file are
+relative to that file's folder, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from mlxtune.errors import ConfigError
+
+PACKAGED_DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_ITERS = 600
+
+
+def _choices(*values, **extra):
+    return {"choices": values, **extra}
+
+
+@dataclass
+class QuantizeConfig:
+    format: str = field(default="affine", metadata=_choices("affine", "none"))
+    bits: int = field(default=4, metadata=_choices(2, 3, 4, 5, 6, 8))
+    group_size: int = field(default=64, metadata=_choices(32, 64, 128))
+
+
+@dataclass
+class ModelConfig:
+    path: str = PACKAGED_DEFAULT_MODEL
+    revision: Optional[str] = None
+    quantize: Optional[QuantizeConfig] = None
+    # 'auto': float32 on the CPU backend (no fast bf16 path there), bfloat16 on GPUs.
+    dtype: str = field(default="auto", metadata=_choices("auto", "float32", "bfloat16", "float16"))
+    # Start from an existing adapter folder (mlx-lm layout) instead of a fresh one.
+    adapter: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    type: str = field(default="lora", metadata=_choices("lora"))
+    rank: int = field(default=8, metadata={"min": 1})
+    alpha: float = field(default=16.0, metadata={"min": 0.0})
+    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
+    # Module names inside each transformer block (e.g. self_attn.q_proj, mlp.down_proj) or
+    # short names (q_proj). Empty: every linear layer of the block.
+    targets: list[str] = field(default_factory=list)
+    # Adapt the last N blocks; -1 for all.
+    layers: int = field(default=-1, metadata={"min": -1})
+
+
+@dataclass
+class SplitConfig:
+    # Field of each record whose value keeps examples together (e.g. the user who wrote them).
+    by: Optional[str] = None
+    valid: float = field(default=0.1, metadata={"min": 0.0, "max": 0.9})
+    test: float = field(default=0.1, metadata={"min": 0.0, "max": 0.9})
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None
+    valid: Optional[str] = None
+    test: Optional[str] = None
+    # One file split by `split` instead of train/valid/test files.
+    path: Optional[str] = None
+    split: SplitConfig = field(default_factory=SplitConfig)
+    max_seq_len: int = field(default=1024, metadata={"min": 8})
+    # Loss on completion / assistant tokens only. None: on for chat and completions data.
+    mask_prompt: Optional[bool] = None
+
+
+@dataclass
+class ObjectiveConfig:
+    type: str = field(default="sft", metadata=_choices("sft"))
+
+
+@dataclass
+class EarlyStoppingConfig:
+    # Stop after this many validations without improvement; None disables.
+    patience: Optional[int] = field(default=None, metadata={"min": 1})
+    min_delta: float = field(default=0.0, metadata={"min": 0.0})
+
+
+@dataclass
+class TrainConfig:
+    iters: Optional[int] = field(default=None, metadata={"min": 1})  # None: DEFAULT_ITERS
+    # Alternative to iters: passes over the training set (iters is derived from it).
+    epochs: Optional[float] = field(default=None, metadata={"min": 0.0})
+    batch_size: int = field(default=4, metadata={"min": 1})
+    grad_accumulation: int = field(default=1, metadata={"min": 1})
+    learning_rate: float = field(default=1.0e-4, metadata={"min": 0.0})
+    optimizer: str = field(default="adamw", metadata=_choices("adamw", "adam", "sgd"))
+    weight_decay: float = field(default=0.0, metadata={"min": 0.0})
+    momentum: float = field(default=0.9, metadata={"min": 0.0})  # sgd only
+    schedule: str = field(default="constant", metadata=_choices("constant", "cosine", "linear"))
+    warmup: int = field(default=0, metadata={"min": 0})
+    min_lr: float = field(default=0.0, metadata={"min": 0.0})
+    max_grad_norm: Optional[float] = field(default=1.0, metadata={"min": 0.0})
+    seed: int = 0
+    eval_every: int = field(default=50, metadata={"min": 0})  # 0: never
+    val_batches: Optional[int] = field(default=None, metadata={"min": 1})  # None: whole split
+    save_every: int = field(default=100, metadata={"min": 0})  # 0: only at the end
+    log_every: int = field(default=10, metadata={"min": 1})
+    grad_checkpoint: bool = False
+    compile: bool = True
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Where the config came from; paths above are already absolute.
+    source: Optional[str] = field(default=None, metadata={"internal": True})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+
+# Keys whose values are paths, resolved against the config file's folder.
+PATH_KEYS = ("model.path", "model.adapter", "data.train", "data.valid", "data.test", "data.path")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply --set overrides, validate, resolve paths."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = from_dict(raw, where=str(path))
+    _resolve_paths(cfg, path.parent)
+    cfg.source = str(path.resolve())
+    return cfg
+
+
+def from_dict(raw: dict, where: str = "<config>") -> Config:
+    cfg = _build(Config, raw, "", where)
+    _check(cfg, where)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set train.iters=50")
+    key, _, value = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item}: invalid key {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = parsed
+
+
+def _type_name(t) -> str:
+    origin = typing.get_origin(t)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(t) if a is not type(None))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(t)[0])}"
+    if dataclasses.is_dataclass(t):
+        return "mapping"
+    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(t, str(t))
+
+
+def _build(cls, raw: Any, prefix: str, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else (
+                f" (known keys here: {', '.join(fields)})")
+            raise ConfigError(f"{where}: {dotted}: unknown key{hint}")
+        kwargs[key] = _convert(hints[key], value, dotted, where, fields[key])
+    return cls(**kwargs)
+
+
+def _convert(t, value, dotted: str, where: str, f=None):
+    origin = typing.get_origin(t)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if value is None:
+            if len(args) < len(typing.get_args(t)):
+                return None
+            raise ConfigError(f"{where}: {dotted}: must be set ({_type_name(t)})")
+        errors = []
+        for a in args:
+            try:
+                return _convert(a, value, dotted, where, f)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[-1] if len(args) == 1 else ConfigError(
+            f"{where}: {dotted}: expected {_type_name(t)}, got {value!r}")
+    if dataclasses.is_dataclass(t):
+        if value is None:
+            return t()
+        return _build(t, value, dotted + ".", where)
+    if origin is list:
+        (item_t,) = typing.get_args(t)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {dotted}: expected a list, got {value!r}")
+        return [_convert(item_t, v, f"{dotted}[{i}]", where) for i, v in enumerate(value)]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, (str, int, float)) and not isinstance(value, bool),
+    }.get(t)
+    if ok is None:
+        raise TypeError(f"unsupported config type {t}")
+    if not ok:
+        raise ConfigError(f"{where}: {dotted}: expected {_type_name(t)}, got {value!r}")
+    value = t(value)
+    meta = f.metadata if f is not None else {}
+    if "choices" in meta and value not in meta["choices"]:
+        options = ", ".join(str(c) for c in meta["choices"])
+        raise ConfigError(f"{where}: {dotted}: {value!r} is not one of: {options}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{where}: {dotted}: must be >= {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{where}: {dotted}: must be <= {meta['max']}, got {value!r}")
+    return value
+
+
+def _check(cfg: Config, where: str) -> None:
+    """Rules that span several keys."""
+    d = cfg.data
+    if d.path and (d.train or d.valid or d.test):
+        raise ConfigError(f"{where}: data.path: give either data.path (one file split by "
+                          "data.split) or data.train/valid/test files, not both")
+    if not d.path and not d.train:
+        raise ConfigError(f"{where}: data.train: no training data (set data.train, or "
+                          "data.path with data.split)")
+    if d.path and d.split.valid + d.split.test >= 1.0:
+        raise ConfigError(f"{where}: data.split: valid + test must leave data for training")
+    t = cfg.train
+    if t.epochs is not None and t.iters is not None:
+        raise ConfigError(f"{where}: train.epochs: give train.iters or train.epochs, not both")
+    if t.epochs is None and t.iters is None:
+        t.iters = DEFAULT_ITERS
+    if cfg.adapter.rank > 4096:
+        raise ConfigError(f"{where}: adapter.rank: {cfg.adapter.rank} is implausibly large")
+    if not str(cfg.name).strip() or "/" in str(cfg.name):
+        raise ConfigError(f"{where}: name: must be a non-empty name without '/'")
+
+
+def _get(cfg: Config, dotted: str):
+    node = cfg
+    for p in dotted.split("."):
+        node = getattr(node, p)
+    return node
+
+
+def _set(cfg: Config, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = getattr(node, p)
+    setattr(node, last, value)
+
+
+def _resolve_paths(cfg: Config, base: Path) -> None:
+    for key in PATH_KEYS:
+        value = _get(cfg, key)
+        if not value:
+            continue
+        p = Path(value).expanduser()
+        if key == "model.path":
+            # A hub id or a short name is not a path: resolve only what looks like one.
+            candidate = p if p.is_absolute() else base / p
+            if candidate.exists() or value.startswith((".", "/", "~")) or value.endswith(".gguf"):
+                _set(cfg, key, str(candidate.resolve()))
+            continue
+        _set(cfg, key, str((p if p.is_absolute() else base / p).resolve()))
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -111,6 +111,7 @@ class TrainConfig:
     eval_every: int = field(default=50, metadata={"min": 0})  # 0: never
     val_batches: Optional[int] = field(default=None, metadata={"min": 1})  # None: whole split
     save_every: int = field(default=100, metadata={"min": 0})  # 0: only at the end
+    keep_checkpoints: int = field(default=3, metadata={"min": 0})  # 0: keep all
     log_every: int = field(default=10, metadata={"min": 1})
     grad_checkpoint: bool = False
     compile: bool = True

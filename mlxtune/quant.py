@@ -1,0 +1,107 @@
+"""The quantized base: quantize a dense model on load, and the CPU compute path.
+
+On Metal and CUDA, MLX's own quantized kernels are the fast path and layers stay as they
+are. On the CPU backend `mx.quantized_matmul` runs at a few GFLOP/s, while dequantizing a
+layer's weight and handing the product to BLAS is ~20x faster (see
+shared notes). The custom VJP below recomputes the dequantization in the backward pass, so
+no dense copy of a weight outlives its use: that is what keeps QLoRA's memory small.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+               for _, m in model.named_modules())
+
+
+def quantize_dense(model: nn.Module, bits: int, group_size: int) -> int:
+    """Quantize every linear and embedding layer whose input size the group size divides
+    (MLX affine format). Returns how many layers were quantized."""
+    count = 0
+
+    def predicate(_path, module):
+        nonlocal count
+        if not hasattr(module, "to_quantized"):
+            return False
+        if module.weight.shape[-1] % group_size != 0:
+            return False  # e.g. odd-sized heads; they stay dense
+        count += 1
+        return True
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    return count
+
+
+@functools.cache
+def _dequantized_matmul(group_size: int, bits: int, mode: str):
+    """x @ dequantize(w).T with a backward that re-dequantizes instead of keeping w."""
+
+    def dense(w, scales, biases, dtype):
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits,
+                             mode=mode, dtype=dtype)
+
+    @mx.custom_function
+    def matmul(x, w, scales, biases):
+        return x @ dense(w, scales, biases, x.dtype).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, _output):
+        x, w, scales, biases = primals
+        # The base is frozen: only x gets a gradient.
+        dx = cotangent @ dense(w, scales, biases, cotangent.dtype)
+        return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return matmul
+
+
+class DequantizedLinear(nn.QuantizedLinear):
+    """A QuantizedLinear (same parameters, same saved layout) computed by
+    dequantize-then-BLAS. Installed on the CPU backend by `use_cpu_path`."""
+
+    def __call__(self, x):
+        fn = _dequantized_matmul(self.group_size, self.bits, self.mode)
+        y = fn(x, self["weight"], self["scales"], self["biases"])
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+class DequantizedEmbedding(nn.QuantizedEmbedding):
+    """A QuantizedEmbedding whose tied output projection (`as_linear`) uses BLAS."""
+
+    def as_linear(self, x):
+        fn = _dequantized_matmul(self.group_size, self.bits, self.mode)
+        return fn(x, self["weight"], self["scales"], self["biases"])
+
+
+def use_cpu_path(model: nn.Module) -> int:
+    """Switch quantized layers to the dequantize-then-BLAS path. The layers keep their
+    parameters and type (they stay `nn.QuantizedLinear` for every isinstance check); only
+    the compute changes. Returns the number of layers switched."""
+    n = 0
+    for _, m in model.named_modules():
+        if getattr(m, "mode", "affine") != "affine" or "biases" not in m:
+            continue
+        if type(m) is nn.QuantizedLinear:
+            m.__class__ = DequantizedLinear
+            n += 1
+        elif type(m) is nn.QuantizedEmbedding:
+            m.__class__ = DequantizedEmbedding
+            n += 1
+    return n
+
+
+def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast every floating-point parameter (weights, norms, quantization scales and
+    biases) to `dtype`; packed integer weights are left alone."""
+    from mlx.utils import tree_map
+
+    model.update(tree_map(
+        lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+        model.parameters()))

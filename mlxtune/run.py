@@ -1,0 +1,151 @@
+"""One run, in the order of the flow: config -> data -> model -> adapter -> trainer.
+
+Everything that can fail on bad input (config, data files, model, tokenization) is
+checked before the run directory is created, so a bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from mlxtune import adapters, backend, data, models
+from mlxtune.config import Config, dump
+from mlxtune.errors import ConfigError, DataError
+from mlxtune.train import checkpoint
+from mlxtune.train.events import EventWriter, read_events
+from mlxtune.train.loop import Result, Trainer
+from mlxtune.train.progress import Progress
+
+CONFIG_FILE = "config.yaml"
+# Keys a resumed run may change: how long it runs and how often it reports.
+RESUMABLE_CHANGES = {"train.iters", "train.epochs", "train.eval_every", "train.save_every",
+                     "train.log_every", "train.keep_checkpoints", "train.val_batches",
+                     "train.early_stopping.patience", "train.early_stopping.min_delta"}
+
+
+def default_run_dir(cfg: Config, runs_root: Path = Path("runs")) -> Path:
+    return runs_root / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_run_dir(cfg: Config, runs_root: Path = Path("runs")) -> Path | None:
+    found = sorted(p for p in runs_root.glob(f"{cfg.name}-*") if (p / CONFIG_FILE).exists())
+    return found[-1] if found else None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_resumable(cfg: Config, run_dir: Path) -> None:
+    import yaml
+
+    saved = _flatten(yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {})
+    now = _flatten(cfg.to_dict())
+    changed = sorted(k for k in set(saved) | set(now)
+                     if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(f"{run_dir / CONFIG_FILE}: cannot resume with a different "
+                          f"configuration: {', '.join(changed)} changed")
+
+
+def _encode(split: str, records, fmt, tokenizer, cfg: Config, progress: Progress):
+    enc = data.encode(records, tokenizer, cfg.data.max_seq_len, cfg.data.mask_prompt, fmt)
+    if enc.n_truncated or enc.n_dropped:
+        progress.message(f"{split}: {enc.n_truncated} of {len(records)} examples truncated to "
+                         f"data.max_seq_len={cfg.data.max_seq_len}; {enc.n_dropped} dropped "
+                         "(no loss-bearing token left)")
+    return enc
+
+
+def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
+        quiet: bool = False) -> tuple[Path, Result]:
+    progress = Progress(quiet=quiet)
+
+    # Where the run goes; decided first, created last.
+    if resume:
+        run_dir = Path(run_dir) if run_dir else latest_run_dir(cfg)
+        if run_dir is None or not (run_dir / CONFIG_FILE).exists():
+            raise ConfigError(f"--resume: no run directory to resume "
+                              f"({run_dir or 'runs/' + cfg.name + '-*'} has no {CONFIG_FILE})")
+        resume_from = checkpoint.latest(run_dir / "checkpoints")
+        if resume_from is None:
+            raise ConfigError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+        _check_resumable(cfg, run_dir)
+    else:
+        run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"--run-dir: {run_dir} already exists and is not empty (use "
+                              "--resume to continue it, or another --run-dir)")
+        resume_from = None
+
+    splits, fmt = data.load_splits(cfg.data, cfg.train.seed)
+    progress.message(f"data: {len(splits['train'])} train, {len(splits['valid'])} valid, "
+                     f"{len(splits['test'])} test examples ({fmt})")
+    progress.message(f"model: loading {cfg.model.path}")
+    loaded = models.load(cfg.model)
+    train_set = _encode("train", splits["train"], fmt, loaded.tokenizer, cfg, progress)
+    valid_set = _encode("valid", splits["valid"], fmt, loaded.tokenizer, cfg, progress)
+    if not train_set.examples:
+        raise DataError(f"{cfg.data.train or cfg.data.path}: no training example has a "
+                        "loss-bearing token within data.max_seq_len")
+
+    model = loaded.model
+    if cfg.model.adapter:
+        adapter_config = adapters.load(model, Path(cfg.model.adapter))
+    else:
+        adapter_config = adapters.apply_lora(model, cfg.adapter)
+    adapter_config["base_model"] = cfg.model.path
+    trainable, total = adapters.parameter_counts(model)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / CONFIG_FILE).write_text(dump(cfg))
+    events = EventWriter(run_dir)
+    try:
+        info = backend.device_info()
+        events.emit("start", config=cfg.to_dict(), trainable_params=trainable,
+                    total_params=total, backend=info["backend"], blas=info["blas"],
+                    planned_peak_gb=None, model_source=dataclasses.asdict(loaded.source),
+                    train_examples=len(train_set.examples),
+                    valid_examples=len(valid_set.examples),
+                    truncated=train_set.n_truncated + valid_set.n_truncated,
+                    resumed_from=str(resume_from) if resume_from else None)
+        progress.message(f"run: {run_dir}  ({trainable:,} trainable of {total:,} parameters, "
+                         f"{info['backend']}, {info['blas']})")
+        trainer = Trainer(model, adapter_config, cfg, train_set.examples, valid_set.examples,
+                          run_dir, events, progress, pad_id=_pad_id(loaded.tokenizer))
+        result = trainer.run(resume_from)
+    finally:
+        events.close()
+    return run_dir, result
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def run_status(run_dir: Path) -> dict:
+    """A summary of a run directory from its events (for the CLI and the TUI)."""
+    events = read_events(run_dir)
+    stops = [e for e in events if e["event"] == "stop"]
+    trains = [e for e in events if e["event"] == "train"]
+    vals = [e for e in events if e["event"] == "val"]
+    return {
+        "run_dir": str(run_dir),
+        "status": stops[-1]["reason"] if stops else ("running" if events else "empty"),
+        "step": trains[-1]["step"] if trains else 0,
+        "last_loss": trains[-1]["loss"] if trains else None,
+        "best_val": min((v["loss"] for v in vals), default=None),
+    }

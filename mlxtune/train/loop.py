@@ -1,0 +1,306 @@
+"""The training loop: one obvious path from batches to a saved adapter.
+
+step = grad_accumulation micro-batches -> token-weighted mean gradient -> clip -> update.
+Validation every `eval_every` steps (best adapter kept, early stopping), atomic
+checkpoints every `save_every`, a NaN stops the run with the last good checkpoint intact,
+SIGINT / SIGTERM save a checkpoint and stop cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from mlxtune import backend, data, objectives
+from mlxtune.config import Config
+from mlxtune.train import checkpoint
+from mlxtune.train.events import EventWriter
+from mlxtune.train.optim import make_optimizer
+from mlxtune.train.progress import Progress
+
+PAD_MULTIPLE = 32  # fewer distinct shapes -> fewer recompilations of the step
+
+
+@dataclass
+class Position:
+    """Everything besides weights, optimizer and RNG that a resume needs."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0           # next batch index within the epoch's order
+    tokens: int = 0          # loss-bearing tokens trained on so far
+    best_val: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0       # validations since the last improvement
+    val_history: list = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    reason: str
+    step: int
+    best_val: float | None
+    last_loss: float | None
+
+
+def total_steps(cfg: Config, n_train: int) -> int:
+    t = cfg.train
+    if t.iters is not None:
+        return t.iters
+    batches_per_epoch = math.ceil(n_train / t.batch_size)
+    return max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accumulation))
+
+
+def enable_grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them.
+    Swaps each block's class for a subclass so other models in the process are untouched."""
+    for block in model.layers:
+        block.__class__ = _checkpointed_class(type(block))
+
+
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _checkpointed_class(cls: type) -> type:
+    if getattr(cls, "_mlxtune_checkpointed", False):
+        return cls
+    if cls not in _CHECKPOINTED:
+        def __call__(self, *args, **kwargs):
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                return cls.__call__(self, *args, **kwargs)
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+        _CHECKPOINTED[cls] = type(cls.__name__, (cls,), {"__call__": __call__,
+                                                         "_mlxtune_checkpointed": True})
+    return _CHECKPOINTED[cls]
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, adapter_config: dict, cfg: Config,
+                 train_set: list, valid_set: list, run_dir: Path, events: EventWriter,
+                 progress: Progress, pad_id: int):
+        self.model, self.adapter_config, self.cfg = model, adapter_config, cfg
+        self.train_set, self.valid_set = train_set, valid_set
+        self.run_dir, self.events, self.progress = Path(run_dir), events, progress
+        self.pad_id = pad_id
+        self.loss_fn = objectives.get(cfg.objective.type)
+        self.total = total_steps(cfg, len(train_set))
+        self.pos = Position()
+        self._orders: dict[int, list[list[int]]] = {}
+        self._signal = None
+
+    # ------------------------------------------------------------------ batches
+
+    def _order(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._orders:
+            self._orders = {epoch: data.batch_order(
+                [len(e.tokens) for e in self.train_set], self.cfg.train.batch_size,
+                self.cfg.train.seed, epoch)}
+        return self._orders[epoch]
+
+    def _next_batch(self):
+        if self.pos.batch >= len(self._order(self.pos.epoch)):
+            self.pos.epoch += 1
+            self.pos.batch = 0
+        idx = self._order(self.pos.epoch)[self.pos.batch]
+        self.pos.batch += 1
+        return data.collate([self.train_set[i] for i in idx], self.pad_id, PAD_MULTIPLE)
+
+    # ------------------------------------------------------------------ steps
+
+    def _build_steps(self, optimizer: optim.Optimizer):
+        model, t = self.model, self.cfg.train
+        loss_and_grad = nn.value_and_grad(model, self.loss_fn)
+        state = [model.state, optimizer.state, mx.random.state]
+
+        def finish(grads, ntok):
+            grads = tree_map(lambda g: g / ntok, grads)
+            if t.max_grad_norm is not None:
+                grads, norm = optim.clip_grad_norm(grads, t.max_grad_norm)
+            else:
+                norm = mx.array(0.0)
+            optimizer.update(model, grads)
+            return norm
+
+        def fused(tokens, mask):
+            (loss_sum, ntok), grads = loss_and_grad(model, tokens, mask)
+            return loss_sum, ntok, finish(grads, ntok)
+
+        def micro(tokens, mask):
+            (loss_sum, ntok), grads = loss_and_grad(model, tokens, mask)
+            return loss_sum, ntok, grads
+
+        if t.compile:
+            fused = mx.compile(fused, inputs=state, outputs=state)
+            micro = mx.compile(micro, inputs=state, outputs=state)
+            finish = mx.compile(finish, inputs=state, outputs=state)
+        return fused, micro, finish
+
+    def _train_step(self, fused, micro, finish) -> tuple[float, int]:
+        accum = self.cfg.train.grad_accumulation
+        if accum == 1:
+            loss_sum, ntok, _ = fused(*self._next_batch())
+            mx.eval(loss_sum, ntok, self.model.state)
+            return loss_sum.item(), int(ntok.item())
+        total_loss, total_tok, grads = 0.0, 0, None
+        for _ in range(accum):
+            loss_sum, ntok, g = micro(*self._next_batch())
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(loss_sum, ntok, grads)
+            total_loss += loss_sum.item()
+            total_tok += int(ntok.item())
+        mx.eval(finish(grads, mx.array(max(total_tok, 1), mx.float32)), self.model.state)
+        return total_loss, total_tok
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> float | None:
+        if not self.valid_set:
+            return None
+        self.model.eval()
+        order = data.batch_order([len(e.tokens) for e in self.valid_set],
+                                 self.cfg.train.batch_size, self.cfg.train.seed, 0)
+        if self.cfg.train.val_batches:
+            order = order[: self.cfg.train.val_batches]
+        loss_sum, ntok = 0.0, 0
+        for idx in order:
+            tokens, mask = data.collate([self.valid_set[i] for i in idx], self.pad_id,
+                                        PAD_MULTIPLE)
+            s, n = self.loss_fn(self.model, tokens, mask)
+            mx.eval(s, n)
+            loss_sum += s.item()
+            ntok += int(n.item())
+        self.model.train()
+        return loss_sum / max(ntok, 1)
+
+    # ------------------------------------------------------------------ saving
+
+    def _save_checkpoint(self, optimizer) -> Path:
+        path = checkpoint.save(self.run_dir / "checkpoints", self.pos.step, self.model,
+                               self.adapter_config, optimizer, self.pos.__dict__,
+                               keep=self.cfg.train.keep_checkpoints)
+        self.events.emit("checkpoint", step=self.pos.step, path=str(path))
+        return path
+
+    def _on_signal(self, signum, _frame):
+        self._signal = signum
+        # A second Ctrl-C while we save kills the process as usual.
+        signal.signal(signum, signal.SIG_DFL)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, resume_from: Path | None = None) -> Result:
+        t = self.cfg.train
+        optimizer = make_optimizer(t, self.total)
+        optimizer.init(self.model.trainable_parameters())
+        if resume_from is not None:
+            self.pos = Position(**checkpoint.load(resume_from, self.model, optimizer))
+            optimizer.init(self.model.trainable_parameters())
+        if t.grad_checkpoint:
+            enable_grad_checkpoint(self.model)
+        self.model.train()
+        steps = self._build_steps(optimizer)
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._loop(optimizer, steps)
+        except BaseException as e:
+            if not isinstance(e, KeyboardInterrupt):
+                self.events.emit("stop", reason="error", step=self.pos.step,
+                                 message=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self.progress.close()
+
+    def _loop(self, optimizer, steps) -> Result:
+        t, pos = self.cfg.train, self.pos
+        interval_loss, interval_tok, interval_start = 0.0, 0, time.perf_counter()
+        last_loss = None
+        saved_at = pos.step if pos.step else -1
+        self.progress.start(pos.step, self.total)
+        while pos.step < self.total:
+            loss_sum, ntok = self._train_step(*steps)
+            loss = loss_sum / max(ntok, 1)
+            if not math.isfinite(loss):
+                last = checkpoint.latest(self.run_dir / "checkpoints")
+                msg = (f"loss became {loss} at step {pos.step + 1}; the last good checkpoint is "
+                       f"{last}" if last else f"loss became {loss} at step {pos.step + 1} "
+                       "(no checkpoint was saved before it)")
+                self.events.emit("stop", reason="nan", step=pos.step + 1, message=msg)
+                from mlxtune.errors import TrainingStopped
+                raise TrainingStopped(msg + "; lower train.learning_rate or check the data")
+            pos.step += 1
+            pos.tokens += ntok
+            interval_loss += loss_sum
+            interval_tok += ntok
+            last_loss = loss
+
+            if pos.step % t.log_every == 0 or pos.step == self.total:
+                now = time.perf_counter()
+                lr = optimizer.learning_rate
+                record = self.events.emit(
+                    "train", step=pos.step, loss=interval_loss / max(interval_tok, 1),
+                    lr=float(lr.item() if isinstance(lr, mx.array) else lr),
+                    tokens=pos.tokens,
+                    tokens_per_sec=interval_tok / max(now - interval_start, 1e-9),
+                    peak_memory_gb=backend.peak_memory_gb(), epoch=pos.epoch)
+                self.progress.train(record)
+                interval_loss, interval_tok, interval_start = 0.0, 0, time.perf_counter()
+
+            stop_reason = None
+            if t.eval_every and (pos.step % t.eval_every == 0 or pos.step == self.total):
+                stop_reason = self._evaluate()
+            if self._signal is not None:
+                stop_reason = "interrupted"
+            if stop_reason or (t.save_every and pos.step % t.save_every == 0) \
+                    or pos.step == self.total:
+                self._save_checkpoint(optimizer)
+                saved_at = pos.step
+            if stop_reason:
+                break
+        else:
+            stop_reason = "done"
+
+        if saved_at != pos.step:
+            self._save_checkpoint(optimizer)
+        if stop_reason != "interrupted":
+            checkpoint.save_adapter(self.model, self.adapter_config, self.run_dir / "adapters")
+        best = pos.best_val if math.isfinite(pos.best_val) else None
+        messages = {
+            "done": f"finished {pos.step} steps",
+            "early_stopping": f"validation loss has not improved for {pos.bad_evals} "
+                              f"evaluations; best {best} at step {pos.best_step}",
+            "interrupted": f"stopped by signal {self._signal} at step {pos.step}; resume with "
+                           "--resume",
+        }
+        self.events.emit("stop", reason=stop_reason, step=pos.step,
+                         message=messages[stop_reason], best_val=best)
+        return Result(stop_reason, pos.step, best, last_loss)
+
+    def _evaluate(self) -> str | None:
+        """Validate, keep the best adapter, decide on early stopping."""
+        val = self.validate()
+        if val is None:
+            return None
+        pos, es = self.pos, self.cfg.train.early_stopping
+        pos.val_history.append([pos.step, val])
+        improved = val < pos.best_val - es.min_delta
+        if improved:
+            pos.best_val, pos.best_step, pos.bad_evals = val, pos.step, 0
+            checkpoint.save_adapter(self.model, self.adapter_config, self.run_dir / "best")
+        else:
+            pos.bad_evals += 1
+        self.events.emit("val", step=pos.step, loss=val, best=pos.best_val, improved=improved)
+        self.progress.val(pos.step, val, pos.best_val)
+        if es.patience and pos.bad_evals >= es.patience:
+            return "early_stopping"
+        return None

@@ -1,0 +1,232 @@
+"""The training loop end to end on tiny models: run directory, events, resume, NaN, signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+
+from mlxtune.cli import main
+from mlxtune.train import optim as train_optim
+from mlxtune.train.events import read_events
+from tiny import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def chat(i: int) -> dict:
+    colors = ["red", "green", "blue", "amber", "violet"]
+    return {"messages": [
+        {"role": "user", "content": f"color {i}?"},
+        {"role": "assistant", "content": f"the color is {colors[i % len(colors)]}"}],
+        "user": f"u{i % 7}"}
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "train.jsonl", [chat(i) for i in range(24)])
+    write_jsonl(tmp_path / "valid.jsonl", [chat(i) for i in range(100, 108)])
+    config = {
+        "name": "tiny",
+        "model": {"path": str(tiny_model_dir)},
+        "adapter": {"rank": 4, "alpha": 8},
+        "data": {"train": "train.jsonl", "valid": "valid.jsonl", "max_seq_len": 64},
+        "train": {"iters": 12, "batch_size": 4, "learning_rate": 1e-2, "eval_every": 4,
+                  "save_every": 4, "log_every": 2, "seed": 3},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def run_cli(args, capsys=None):
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr() if capsys else None
+    return code, out
+
+
+def adapter_of(path: Path) -> dict:
+    return {k: np.array(v) for k, v in mx.load(str(path / "adapters.safetensors")).items()}
+
+
+def test_run_writes_the_run_directory(workdir, capsys):
+    run_dir = workdir / "run"
+    code, out = run_cli(["run", str(workdir / "config.yaml"), "--run-dir", str(run_dir)], capsys)
+    assert code == 0, out.err
+    assert out.out.strip() == str(run_dir)
+    for name in ("config.yaml", "events.jsonl", "adapters/adapters.safetensors",
+                 "adapters/adapter_config.json", "best/adapters.safetensors",
+                 "checkpoints/step-12/state.json", "checkpoints/step-12/optimizer.safetensors"):
+        assert (run_dir / name).exists(), name
+    events = read_events(run_dir)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "stop" and events[-1]["reason"] == "done"
+    start = events[0]
+    for key in ("config", "trainable_params", "total_params", "backend", "planned_peak_gb"):
+        assert key in start
+    trains = [e for e in events if e["event"] == "train"]
+    assert [e["step"] for e in trains] == [2, 4, 6, 8, 10, 12]
+    for e in trains:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_sec", "peak_memory_gb", "time"} <= set(e)
+    assert trains[-1]["tokens"] > trains[0]["tokens"] > 0
+    vals = [e for e in events if e["event"] == "val"]
+    assert [v["step"] for v in vals] == [4, 8, 12]
+    assert vals[-1]["loss"] < vals[0]["loss"]  # it learns
+    # The resolved config has every default filled in and absolute paths.
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["train"]["optimizer"] == "adamw"
+    assert Path(resolved["data"]["train"]).is_absolute()
+    # mlx-lm loads the final adapter.
+    from mlx_lm import load as mlx_lm_load
+    mlx_lm_load(resolved["model"]["path"], adapter_path=str(run_dir / "adapters"))
+
+
+def _config_with(workdir, **train):
+    cfg = yaml.safe_load((workdir / "config.yaml").read_text())
+    cfg["train"].update(train)
+    path = workdir / f"config-{len(list(workdir.glob('config-*')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli_process(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "mlxtune", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(workdir, capsys):
+    config = _config_with(workdir, iters=60, save_every=5, eval_every=0, log_every=5,
+                          learning_rate=5e-3)
+    ref_dir = workdir / "ref"
+    code, out = run_cli(["run", str(config), "--run-dir", str(ref_dir), "-q"], capsys)
+    assert code == 0, out.err
+
+    killed_dir = workdir / "killed"
+    proc = _cli_process(["run", str(config), "--run-dir", str(killed_dir), "-q"])
+    deadline = time.time() + 120
+    while not (killed_dir / "checkpoints" / "step-10").exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed_dir / "adapters").exists()
+
+    code, out = run_cli(["run", str(config), "--run-dir", str(killed_dir), "--resume", "-q"],
+                        capsys)
+    assert code == 0, out.err
+    ref, resumed = adapter_of(ref_dir / "adapters"), adapter_of(killed_dir / "adapters")
+    assert ref.keys() == resumed.keys()
+    for k in ref:
+        assert np.abs(ref[k] - resumed[k]).max() <= 1e-5, k
+    starts = [e for e in read_events(killed_dir) if e["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["resumed_from"]
+
+
+def test_nan_loss_stops_cleanly(workdir, capsys):
+    config = _config_with(workdir, learning_rate=1e30, max_grad_norm=None, optimizer="sgd",
+                          momentum=0.0, save_every=1, eval_every=0, iters=20)
+    run_dir = workdir / "nan"
+    code, out = run_cli(["run", str(config), "--run-dir", str(run_dir)], capsys)
+    assert code == 3
+    assert "loss became" in out.err and "Traceback" not in out.err
+    stop = read_events(run_dir)[-1]
+    assert stop["event"] == "stop" and stop["reason"] == "nan"
+    assert not (run_dir / "adapters").exists()
+    # The checkpoints left behind are the good ones, from before the NaN.
+    for ckpt in (run_dir / "checkpoints").glob("step-*"):
+        assert all(np.isfinite(v).all() for v in adapter_of(ckpt).values())
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(workdir):
+    config = _config_with(workdir, iters=100000, save_every=0, eval_every=0, log_every=1)
+    run_dir = workdir / "term"
+    proc = _cli_process(["run", str(config), "--run-dir", str(run_dir)])
+    deadline = time.time() + 120
+    while not any(e["event"] == "train" for e in read_events(run_dir)):
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    stop = read_events(run_dir)[-1]
+    assert stop["reason"] == "interrupted"
+    assert (run_dir / "checkpoints" / f"step-{stop['step']}" / "state.json").exists()
+
+
+def test_early_stopping_keeps_best(workdir, capsys):
+    config = _config_with(workdir, learning_rate=0.0, eval_every=2, iters=50,
+                          early_stopping={"patience": 2})
+    run_dir = workdir / "es"
+    code, out = run_cli(["run", str(config), "--run-dir", str(run_dir)], capsys)
+    assert code == 0, out.err
+    stop = read_events(run_dir)[-1]
+    assert stop["reason"] == "early_stopping" and stop["step"] == 6
+    assert (run_dir / "best" / "adapters.safetensors").exists()
+
+
+def test_grad_accumulation_equals_bigger_batch(workdir, capsys):
+    # 4 examples: one step of batch 4 sees the same tokens as 2 micro-batches of 2.
+    write_jsonl(workdir / "four.jsonl", [chat(i) for i in range(4)])
+    results = {}
+    for name, (bs, acc) in {"big": (4, 1), "accum": (2, 2)}.items():
+        cfg = yaml.safe_load((workdir / "config.yaml").read_text())
+        cfg["data"] = {"train": "four.jsonl", "max_seq_len": 64}
+        cfg["train"].update(iters=1, batch_size=bs, grad_accumulation=acc, optimizer="sgd",
+                            momentum=0.0, learning_rate=0.5, max_grad_norm=None, eval_every=0)
+        path = workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        code, out = run_cli(["run", str(path), "--run-dir", str(workdir / name), "-q"], capsys)
+        assert code == 0, out.err
+        results[name] = adapter_of(workdir / name / "adapters")
+    for k in results["big"]:
+        assert np.abs(results["big"][k] - results["accum"][k]).max() < 1e-5, k
+    assert any(np.abs(v).max() > 0 for k, v in results["big"].items() if k.endswith("lora_b"))
+
+
+@pytest.mark.parametrize("option", [{"grad_checkpoint": True}, {"compile": False}])
+def test_checkpointing_and_compile_do_not_change_results(workdir, capsys, option):
+    runs = {}
+    for name, extra in {"plain": {}, "variant": option}.items():
+        config = _config_with(workdir, iters=3, eval_every=0, **extra)
+        code, out = run_cli(["run", str(config), "--run-dir", str(workdir / name), "-q"], capsys)
+        assert code == 0, out.err
+        runs[name] = adapter_of(workdir / name / "adapters")
+    for k in runs["plain"]:
+        assert np.abs(runs["plain"][k] - runs["variant"][k]).max() < 1e-5, k
+
+
+def test_schedules():
+    from mlxtune.config import TrainConfig
+
+    cos = train_optim.schedule(TrainConfig(learning_rate=1.0, schedule="cosine", warmup=10,
+                                           min_lr=0.1), 110)
+    assert float(cos(mx.array(0))) == pytest.approx(0.0)
+    assert float(cos(mx.array(5))) == pytest.approx(0.5)
+    assert float(cos(mx.array(10))) == pytest.approx(1.0)
+    assert float(cos(mx.array(60))) == pytest.approx(0.55, abs=1e-3)
+    assert float(cos(mx.array(110))) == pytest.approx(0.1, abs=1e-6)
+    lin = train_optim.schedule(TrainConfig(learning_rate=1.0, schedule="linear"), 100)
+    assert float(lin(mx.array(50))) == pytest.approx(0.5)
+    const = train_optim.schedule(TrainConfig(learning_rate=0.3, warmup=4), 100)
+    assert float(const(mx.array(2))) == pytest.approx(0.15)
+    assert float(const(mx.array(50))) == pytest.approx(0.3)
+
+
+def test_events_reader_tolerates_a_torn_line(tmp_path):
+    good = {"event": "train", "time": 1.0, "step": 1, "loss": 2.0}
+    (tmp_path / "events.jsonl").write_text(json.dumps(good) + "\n" + '{"event": "tra')
+    assert read_events(tmp_path) == [good]

@@ -1,0 +1,162 @@
+"""JSONL files -> validated records.
+
+Every line is checked before anything is tokenized, and the first problem is reported as
+one line, ``file:line: reason``, which is what the CLI prints. Three record shapes are
+accepted (mlx-lm's): chat (``messages``), completions (``prompt`` + ``completion``) and
+text (``text``). Extra keys are allowed (a ``user`` tag for splitting, say), but a record
+must match exactly one shape, and a file must use one shape throughout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxtune.errors import DataError
+
+FORMATS = ("chat", "completions", "text")
+ROLES = ("system", "user", "assistant", "tool")
+# The keys that make a record one format or another.
+_FORMAT_KEYS = {"chat": ("messages",), "completions": ("prompt", "completion"), "text": ("text",)}
+
+
+@dataclass
+class Record:
+    data: dict  # the JSON object, as read
+    source: str  # "path/to/file.jsonl:LINE" (1-based)
+
+
+def read_records(path) -> tuple[list[Record], str]:
+    """Read and validate a JSONL file; return its records and their format."""
+    path = Path(path)
+    records: list[Record] = []
+    fmt = first_line = None
+    for lineno, raw in enumerate(_read_lines(path), start=1):
+        where = f"{path}:{lineno}"
+        obj = _parse_line(raw, where)
+        if obj is None:  # a blank line
+            continue
+        this = detect_format(obj, where)
+        if fmt is None:
+            fmt, first_line = this, lineno
+        elif this != fmt:
+            raise DataError(f"{where}: this record is {this} data but line {first_line} is "
+                            f"{fmt} data; one file must use one format")
+        CHECKS[this](obj, where)
+        records.append(Record(obj, where))
+    if not records:
+        raise DataError(f"{path}:1: no records (the file is empty or has only blank lines)")
+    return records, fmt
+
+
+def _read_lines(path: Path) -> list[bytes]:
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
+        data = data[3:]
+    return data.split(b"\n")
+
+
+def _parse_line(raw: bytes, where: str) -> dict | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line); save the "
+                        "file as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object ({{...}}) per line, got "
+                        f"{_json_type(obj)}")
+    return obj
+
+
+def detect_format(obj: dict, where: str) -> str:
+    matches = [f for f, keys in _FORMAT_KEYS.items() if any(k in obj for k in keys)]
+    if not matches:
+        found = ", ".join(sorted(obj)) or "none"
+        raise DataError(f"{where}: no known format: expected \"messages\" (chat), \"prompt\" "
+                        f"and \"completion\" (completions) or \"text\" (text); keys found: "
+                        f"{found}")
+    if len(matches) > 1:
+        raise DataError(f"{where}: the record matches several formats ({', '.join(matches)}); "
+                        "keep the keys of exactly one")
+    return matches[0]
+
+
+# ----------------------------------------------------------------------------- per format
+
+
+def check_chat(obj: dict, where: str) -> None:
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if messages == [] else _json_type(messages)
+        raise DataError(f"{where}: \"messages\" must be a non-empty list of messages, got {got}")
+    if "tools" in obj and obj["tools"] is not None and not isinstance(obj["tools"], list):
+        raise DataError(f"{where}: \"tools\" must be a list, got {_json_type(obj['tools'])}")
+    for i, message in enumerate(messages):
+        _check_message(message, f"{where}: messages[{i}]")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last message must be from the assistant (it is what the "
+                        f"model learns to write), got role \"{messages[-1]['role']}\"")
+
+
+def _check_message(message, where: str) -> None:
+    if not isinstance(message, dict):
+        raise DataError(f"{where}: expected an object with \"role\" and \"content\", got "
+                        f"{_json_type(message)}")
+    role = message.get("role")
+    if role not in ROLES:
+        got = "no role" if role is None else f"role {json.dumps(role)}"
+        raise DataError(f"{where}: unknown role: {got}; allowed roles: {', '.join(ROLES)}")
+    content = message.get("content")
+    # An assistant turn that calls tools may carry no text.
+    if role == "assistant" and message.get("tool_calls"):
+        if not isinstance(message["tool_calls"], list):
+            raise DataError(f"{where}: \"tool_calls\" must be a list")
+        if content is None or isinstance(content, str):
+            return
+    if content is None:
+        raise DataError(f"{where}: {role} message has no \"content\"")
+    if not isinstance(content, str):
+        raise DataError(f"{where}: \"content\" must be a string, got {_json_type(content)}")
+    if role == "assistant" and not content.strip():
+        raise DataError(f"{where}: empty assistant content (nothing to learn from)")
+
+
+def check_completions(obj: dict, where: str) -> None:
+    for key in ("prompt", "completion"):
+        if key not in obj:
+            raise DataError(f"{where}: completions record has no \"{key}\" (needs both "
+                            "\"prompt\" and \"completion\")")
+        if not isinstance(obj[key], str):
+            raise DataError(f"{where}: \"{key}\" must be a string, got {_json_type(obj[key])}")
+    if not obj["completion"].strip():
+        raise DataError(f"{where}: empty \"completion\" (nothing to learn from)")
+
+
+def check_text(obj: dict, where: str) -> None:
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: \"text\" must be a string, got {_json_type(text)}")
+    if not text.strip():
+        raise DataError(f"{where}: empty \"text\"")
+
+
+CHECKS = {"chat": check_chat, "completions": check_completions, "text": check_text}
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)

@@ -167,6 +167,80 @@ def test_read_gguf_info(tmp_path):
     assert tensors["blk.1.ffn_norm.weight"]["type"] == "F32"
 
 
+def llama3_rope_factors(dims, base, factor=8.0, low=1.0, high=4.0, original=8192):
+    """rope_freqs as convert_hf_to_gguf.py computes it for Llama 3.1-style scaling."""
+    factors = []
+    for freq in 1.0 / base ** (np.arange(0, dims, 2) / dims):
+        wavelen = 2 * np.pi / freq
+        if wavelen < original / high:
+            factors.append(1.0)
+        elif wavelen > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def rewrite(path, drop: str | None = None, add: dict | None = None):
+    """Rewrite a GGUF file without tensor `drop` and with the tensors in `add` (added or
+    replaced); GGUFWriter cannot edit a file in place."""
+    import gguf
+
+    f = gguf_file.read(path)
+    add = add or {}
+    writer = gguf.GGUFWriter(str(path) + ".new", f.metadata["general.architecture"])
+    for key, value in f.metadata.items():
+        if key in ("general.architecture", "general.alignment"):
+            continue
+        kind = {str: "string", bool: "bool", float: "float32", int: "uint32"}.get(type(value))
+        getattr(writer, f"add_{kind}" if kind else "add_array")(key, value)
+    for t in f.tensors:
+        if t.name == drop or t.name in add:
+            continue
+        if t.type == T.F32:
+            writer.add_tensor(t.name, f.data(t).view(np.float32).reshape(t.shape))
+        else:
+            writer.add_tensor(t.name, f.data(t).reshape(*t.shape[:-1], -1), raw_dtype=t.type)
+    for name, array in add.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    del f
+    Path(str(path) + ".new").replace(path)
+
+
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    args, model = source_model("llama", head_dim=32, rope_theta=500000.0,
+                               rope_scaling=scaling)
+    path = tmp_path / "l3.gguf"
+    write_gguf(path, model, args, byte_level_tokenizer())
+    rewrite(path, add={"rope_freqs.weight": llama3_rope_factors(32, 500000.0)})
+    loaded, _, config = load_gguf(path)
+    assert config["rope_scaling"] == scaling
+    positions = mx.arange(3000)[None] % args["vocab_size"]  # far enough for scaling to show
+    np.testing.assert_allclose(np.array(loaded(positions)), np.array(model(positions)),
+                               rtol=1e-4, atol=1e-4)
+
+    rewrite(path, add={"rope_freqs.weight": np.linspace(1, 3, 16, dtype=np.float32)})
+    with pytest.raises(ModelError, match="rope_freqs"):
+        load_gguf(path)
+
+
+def test_linear_rope_scaling(tmp_path):
+    args, model = source_model("llama", rope_scaling={"type": "linear", "factor": 4.0})
+    path = tmp_path / "lin.gguf"
+    write_gguf(path, model, args, byte_level_tokenizer(),
+               extra={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0})
+    loaded, _, config = load_gguf(path)
+    assert config["rope_scaling"] == {"type": "linear", "factor": 4.0}
+    np.testing.assert_allclose(logits(loaded), logits(model), rtol=1e-5, atol=1e-5)
+
+
 # -- tokenizers ---------------------------------------------------------------------------
 
 FAMILIES = {"gpt-2": "gpt-2", "smollm": "smollm", "llama3": "llama-bpe", "qwen2": "qwen2"}
@@ -233,7 +307,8 @@ def test_sentencepiece_encoding_matches_sentencepiece(sentencepiece_pair, text):
 def test_sentencepiece_specials(sentencepiece_pair):
     sp, loaded = sentencepiece_pair
     assert loaded.bos_token_id == sp.bos_id() and loaded.eos_token_id == sp.eos_id()
-    assert loaded.encode("<|im_start|>", add_special_tokens=False) == [sp.piece_to_id("<|im_start|>")]
+    im_start = sp.piece_to_id("<|im_start|>")
+    assert loaded.encode("<|im_start|>", add_special_tokens=False) == [im_start]
     assert loaded.encode("</s>", add_special_tokens=False) == [sp.eos_id()]
 
 
@@ -320,37 +395,11 @@ def test_missing_metadata_key(tmp_path):
 
 
 def test_missing_tensor(tmp_path):
-    import gguf
-
     args, model = source_model("llama")
     path = tmp_path / "short.gguf"
     write_gguf(path, model, args, byte_level_tokenizer())
-    f = gguf_file.read(path)
-    writer = gguf.GGUFWriter(str(tmp_path / "less.gguf"), "llama")
-    for key, value in f.metadata.items():
-        if key not in ("general.architecture", "general.alignment"):
-            _copy_field(writer, key, value)
-    for t in f.tensors:
-        if t.name != "blk.1.attn_v.weight":
-            writer.add_tensor(t.name, f.data(t).view(np.float32).reshape(t.shape))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    assert_model_error(tmp_path / "less.gguf", "blk.1.attn_v.weight")
-
-
-def _copy_field(writer, key, value):
-    if isinstance(value, str):
-        writer.add_string(key, value)
-    elif isinstance(value, bool):
-        writer.add_bool(key, value)
-    elif isinstance(value, float):
-        writer.add_float32(key, value)
-    elif isinstance(value, int):
-        writer.add_uint32(key, value)
-    else:
-        writer.add_array(key, value)
+    rewrite(path, drop="blk.1.attn_v.weight")
+    assert_model_error(path, "blk.1.attn_v.weight")
 
 
 def test_unsupported_tokenizers():

@@ -142,7 +142,7 @@ def _write_hparams(writer, arch: str, args: dict, drop_keys: tuple) -> None:
     if arch == "llama":
         keys["rope.dimension_count"] = ("uint32", head_dim)
         keys["vocab_size"] = ("uint32", args["vocab_size"])
-    if arch in ("qwen3", "gemma", "gemma2", "gemma3"):
+    if arch in ("qwen3", "gemma", "gemma2", "gemma3") or args.get("head_dim"):
         keys["attention.key_length"] = ("uint32", head_dim)
         keys["attention.value_length"] = ("uint32", head_dim)
     if arch == "gemma2":

@@ -120,7 +120,7 @@ def read(path: str | Path, skip: tuple[str, ...] = ()) -> GGUFFile:
     except (_Corrupt, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise ModelError(f"{p}: cannot read the GGUF header (truncated or corrupt file?): "
                          f"{e}") from None
-    align = int(metadata.get("general.alignment", 32))
+    align = max(1, int(metadata.get("general.alignment", 32)))
     data_start = -(-cur.pos // align) * align
     tensors = []
     for name, shape, type_id, offset in infos:

@@ -28,12 +28,14 @@ _QWEN2_PRE = ([_QWEN2], False, False)
 _DIGITS_PRE = ([r"\p{N}", _GPT2], False, False)
 _GPT2_PRE = ([_GPT2], False, False)
 PRE_TOKENIZERS = {
-    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"], _LLAMA3_PRE),
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
+                     "midm-2.0", "lfm2"], _LLAMA3_PRE),
     **dict.fromkeys(["dbrx", "smaug-bpe"], ([_LLAMA3], False, False)),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], _QWEN2_PRE),
     **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
                      "minerva-7b"], _DIGITS_PRE),
-    **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo", "jais", "default"], _GPT2_PRE),
+    **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo", "jais", "gigachat", "exaone4", "mellum",
+                     "default"], _GPT2_PRE),
 }
 
 
@@ -118,13 +120,15 @@ def _merges_from_scores(tokens, scores, types, vocab) -> list[tuple[str, str]]:
 
 
 def _special_tokens(tok, tokens: list[str], types: list[int], ids: dict) -> None:
-    """Control tokens (and bos/eos/... whatever their type) are special; user-defined
-    tokens are matched whole in the text but not special, as in llama.cpp."""
+    """Control and unknown tokens (and bos/eos whatever their type) are special;
+    user-defined ones are matched whole in the text but are not special, as in llama.cpp.
+    pad/eot ids are not forced special: some files point them at ordinary tokens."""
     from tokenizers import AddedToken
 
-    special_ids = {i for i, t in enumerate(types) if t == CONTROL} | set(ids.values())
+    special_ids = {i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)}
+    special_ids |= {ids[r] for r in ("bos", "eos") if r in ids}
     added = [AddedToken(tokens[i], special=True, normalized=False)
-             for i in sorted(special_ids) if 0 <= i < len(tokens) and tokens[i]]
+             for i in sorted(special_ids) if tokens[i]]
     added += [AddedToken(tokens[i], special=False, normalized=False)
               for i, t in enumerate(types) if t == USER_DEFINED and i not in special_ids
               and tokens[i]]
@@ -164,6 +168,9 @@ def build_tokenizer(meta: dict, path):
                          "(tokenizer.ggml.model / tokenizer.ggml.tokens missing)")
     tokens = list(tokens)
     types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise ModelError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for "
+                         f"{len(tokens)} tokens")
     ids = {r: i for r, i in _meta_ids(meta).items() if 0 <= i < len(tokens)}
     if kind == "gpt2":
         tok = _byte_level_bpe(meta, tokens, path)
@@ -187,6 +194,7 @@ def build_tokenizer(meta: dict, path):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=token("bos"), eos_token=token("eos"),
         unk_token=token("unk"), pad_token=token("pad"),
-        chat_template=meta.get("tokenizer.chat_template"))
+        chat_template=meta.get("tokenizer.chat_template"),
+        clean_up_tokenization_spaces=False)  # decode must give back the text as is
     eos_ids = [ids[r] for r in ("eos", "eot", "eom") if r in ids]
     return TokenizerWrapper(fast, detokenizer, eos_token_ids=eos_ids)

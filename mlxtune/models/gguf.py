@@ -23,6 +23,7 @@ import numpy as np
 
 from mlxtune.errors import ModelError
 from mlxtune.models import gguf_file
+from mlxtune.models.gguf_file import printable
 from mlxtune.models.gguf_config import ARCHES, Arch, architecture, model_config
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,9 @@ def _collect_weights(model, f: gguf_file.GGUFFile, config: dict, arch_name: str)
             raise ModelError(f"{path}: tensor {gname or param} is missing "
                              f"(mlx_lm parameter {param})")
         used.add(gname)
+        if tuple(tensors[gname].shape) != tuple(value.shape):
+            raise ModelError(f"{path}: tensor {gname} has shape {list(tensors[gname].shape)}, "
+                             f"the model expects {list(value.shape)} for {param}")
         arrays = _fix_layout(param, _read_tensor(f, tensors[gname]), config, arch)
         module = param.rsplit(".", 1)[0]
         if "scales" in arrays:
@@ -194,9 +198,6 @@ def _collect_weights(model, f: gguf_file.GGUFFile, config: dict, arch_name: str)
                 continue
             arrays = {"weight": mx.dequantize(arrays["weight"], arrays["scales"],
                                               arrays["biases"], **q)}
-        if tuple(arrays["weight"].shape) != tuple(value.shape):
-            raise ModelError(f"{path}: tensor {gname} has shape {list(arrays['weight'].shape)}"
-                             f", the model expects {list(value.shape)} for {param}")
         weights[param] = arrays["weight"]
     unused = sorted(set(tensors) - used - _CONSUMED)
     if unused:
@@ -237,13 +238,25 @@ def _build_model(config: dict):
 def load_gguf(path: str | Path):
     """(model, tokenizer, config) from a GGUF file: an mlx_lm model with the file's
     weights in Hugging Face layout (Q4_0/Q4_1/Q8_0 kept quantized), an mlx_lm
-    TokenizerWrapper, and the mlx-lm config (with "quantization" when any tensor is)."""
+    TokenizerWrapper, and the mlx-lm config (with "quantization" when any tensor is).
+    Any failure is a one-line ModelError naming the file."""
+    path = Path(path)
+    try:
+        return _load(path)
+    except ModelError:
+        raise
+    except Exception as e:  # a corrupt file can trip many things; say so in one line
+        text = str(e).strip().splitlines()
+        raise ModelError(f"{path}: cannot load this GGUF file (corrupt or unusual?): "
+                         f"{type(e).__name__}: {printable(text[0]) if text else ''}") from e
+
+
+def _load(path: Path):
     import mlx.core as mx
     import mlx.nn as nn
 
     from mlxtune.models.gguf_tokenizer import build_tokenizer
 
-    path = Path(path)
     f = gguf_file.read(path)
     _check_types(f)
     meta = f.metadata

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlxtune.errors import ModelError
+from mlxtune.models.gguf_file import printable
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def architecture(meta: dict, path) -> tuple[str, Arch]:
     if name is None:
         raise ModelError(f"{path}: required GGUF metadata key general.architecture is missing")
     if name not in ARCHES:
-        raise ModelError(f"{path}: GGUF architecture '{name}' is not supported "
+        raise ModelError(f"{path}: GGUF architecture '{printable(str(name))}' is not supported "
                          f"(supported: {', '.join(ARCHES)})")
     return name, ARCHES[name]
 
@@ -118,7 +119,7 @@ def _rope_scaling(get, path) -> dict | None:
     if kind == "yarn":
         original = int(get("rope.scaling.original_context_length"))
         return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original}
-    raise ModelError(f"{path}: RoPE scaling type '{kind}' is not supported")
+    raise ModelError(f"{path}: RoPE scaling type '{printable(str(kind))}' is not supported")
 
 
 def _llama_extras(config, get, shapes, path):

@@ -47,6 +47,11 @@ class GGUFFile:
         return np.frombuffer(self._map, np.uint8, count=t.n_bytes, offset=t.offset)
 
 
+def printable(text: str) -> str:
+    """`text` safe for a one-line message (a corrupt file can hold any bytes)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 class _Corrupt(Exception):
     pass
 
@@ -113,7 +118,7 @@ def read(path: str | Path, skip: tuple[str, ...] = ()) -> GGUFFile:
         n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
         metadata = {}
         for _ in range(n_kv):
-            key = cur.string()
+            key = printable(cur.string())
             kind = cur.scalar("<I")
             metadata[key] = cur.value(kind, keep=key not in skip)
         infos = [_tensor_info(cur) for _ in range(n_tensors)]
@@ -140,7 +145,7 @@ def read(path: str | Path, skip: tuple[str, ...] = ()) -> GGUFFile:
 
 
 def _tensor_info(cur: _Cursor):
-    name = cur.string()
+    name = printable(cur.string())
     n_dims = cur.scalar("<I")
     if n_dims > 8:
         raise _Corrupt(f"tensor {name} claims {n_dims} dimensions")

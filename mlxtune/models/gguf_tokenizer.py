@@ -11,6 +11,7 @@ transformers can only convert GGUF tokenizers with PyTorch installed, so the
 from __future__ import annotations
 
 from mlxtune.errors import ModelError
+from mlxtune.models.gguf_file import printable
 
 # llama.cpp token types (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -55,8 +56,9 @@ def _byte_level_bpe(meta: dict, tokens: list[str], path):
 
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
-        raise ModelError(f"{path}: GGUF pre-tokenizer '{pre}' (tokenizer.ggml.pre) is not "
-                         f"supported yet (supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+        known = ", ".join(sorted(PRE_TOKENIZERS))
+        raise ModelError(f"{path}: GGUF pre-tokenizer '{printable(str(pre))}' "
+                         f"(tokenizer.ggml.pre) is not supported yet (supported: {known})")
     regexes, ignore_merges, _ = PRE_TOKENIZERS[pre]
     merges_meta = meta.get("tokenizer.ggml.merges")
     if merges_meta is None:
@@ -155,6 +157,17 @@ def _post_processor(tok, tokens, ids: dict, add_bos: bool, add_eos: bool, path) 
 
 def build_tokenizer(meta: dict, path):
     """An mlx_lm TokenizerWrapper for the tokenizer described by the GGUF metadata."""
+    try:
+        return _build(meta, path)
+    except ModelError:
+        raise
+    except Exception as e:  # tokenizers / transformers reject inconsistent vocabularies
+        text = str(e).strip().splitlines()
+        raise ModelError(f"{path}: cannot build the tokenizer from the GGUF metadata: "
+                         f"{type(e).__name__}: {printable(text[0]) if text else ''}") from e
+
+
+def _build(meta: dict, path):
     from functools import partial
 
     from mlx_lm.tokenizer_utils import (BPEStreamingDetokenizer, SPMStreamingDetokenizer,
@@ -181,8 +194,8 @@ def build_tokenizer(meta: dict, path):
         add_bos_default = True
         detokenizer = partial(SPMStreamingDetokenizer, trim_space=prefix)
     else:
-        raise ModelError(f"{path}: tokenizer model '{kind}' (tokenizer.ggml.model) is not "
-                         "supported yet (supported: gpt2, llama)")
+        raise ModelError(f"{path}: tokenizer model '{printable(str(kind))}' "
+                         "(tokenizer.ggml.model) is not supported yet (supported: gpt2, llama)")
     _special_tokens(tok, tokens, types, ids)
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))

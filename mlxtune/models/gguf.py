@@ -68,7 +68,7 @@ def _type_sets():
 
 def supported_types() -> list[str]:
     direct, affine, dense = _type_sets()
-    return [t.name for t in [*direct, *affine, *sorted(dense, key=int)]]
+    return [t.name for t in sorted(direct | set(affine) | dense, key=int)]
 
 
 def _check_types(f: gguf_file.GGUFFile) -> None:
@@ -98,9 +98,14 @@ def _read_tensor(f: gguf_file.GGUFFile, t: gguf_file.TensorInfo) -> dict:
         return {"weight": mx.array(raw.view(np.uint16)).view(mx.bfloat16).reshape(shape)}
     if kind in affine:
         return _to_affine(raw, kind, shape)
-    rows = int(np.prod(shape[:-1]))
-    dense = dequantize(raw.reshape(rows, -1), kind)
-    return {"weight": mx.array(dense.reshape(shape).astype(np.float16))}
+    # gguf-py dequantizes to float32: go by row blocks so a large embedding never
+    # exists in float32 as a whole.
+    blocks = raw.reshape(int(np.prod(shape[:-1])), -1)
+    dense = np.empty((blocks.shape[0], shape[-1]), np.float16)
+    step = max(1, (1 << 22) // shape[-1])
+    for start in range(0, blocks.shape[0], step):
+        dense[start:start + step] = dequantize(blocks[start:start + step], kind)
+    return {"weight": mx.array(dense.reshape(shape))}
 
 
 def _to_affine(raw: np.ndarray, kind, shape: tuple) -> dict:

@@ -10,6 +10,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+import mlx.core as mx
+
 from mlxtune import adapters, backend, data, models
 from mlxtune.config import Config, dump
 from mlxtune.errors import ConfigError, DataError
@@ -86,11 +88,13 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                               "--resume to continue it, or another --run-dir)")
         resume_from = None
 
+    # Until every input has been checked, messages are held back: bad input gets one line.
+    progress.hold()
     splits, fmt = data.load_splits(cfg.data, cfg.train.seed)
     progress.message(f"data: {len(splits['train'])} train, {len(splits['valid'])} valid, "
                      f"{len(splits['test'])} test examples ({fmt})")
-    progress.message(f"model: loading {cfg.model.path}")
     loaded = models.load(cfg.model)
+    progress.message(f"model: {cfg.model.path} ({loaded.source.kind})")
     train_set = _encode("train", splits["train"], fmt, loaded.tokenizer, cfg, progress)
     valid_set = _encode("valid", splits["valid"], fmt, loaded.tokenizer, cfg, progress)
     if not train_set.examples:
@@ -98,6 +102,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                         "loss-bearing token within data.max_seq_len")
 
     model = loaded.model
+    mx.random.seed(cfg.train.seed)  # LoRA initialisation
     if cfg.model.adapter:
         adapter_config = adapters.load(model, Path(cfg.model.adapter))
     else:
@@ -105,6 +110,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     adapter_config["base_model"] = cfg.model.path
     trainable, total = adapters.parameter_counts(model)
 
+    progress.release()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (run_dir / CONFIG_FILE).write_text(dump(cfg))

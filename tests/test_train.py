@@ -38,7 +38,7 @@ def workdir(tmp_path, tiny_model_dir):
         "model": {"path": str(tiny_model_dir)},
         "adapter": {"rank": 4, "alpha": 8},
         "data": {"train": "train.jsonl", "valid": "valid.jsonl", "max_seq_len": 64},
-        "train": {"iters": 12, "batch_size": 4, "learning_rate": 1e-2, "eval_every": 4,
+        "train": {"iters": 12, "batch_size": 4, "learning_rate": 3e-3, "eval_every": 4,
                   "save_every": 4, "log_every": 2, "seed": 3},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))

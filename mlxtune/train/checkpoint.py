@@ -1,8 +1,10 @@
-"""Atomic checkpoints: adapter, optimizer state, RNG state and data position.
+"""Atomic checkpoints: adapter, optimizer state and data position.
 
 A checkpoint folder is written under a temporary name and renamed into place, so a
 process killed at any moment leaves either the previous checkpoint or the new one, never
-a half-written one. Resuming from one continues exactly where the run stopped.
+a half-written one. Resuming from one continues exactly where the run stopped: the
+trainer re-seeds MLX's RNG from (train.seed, step) at every step, so the step number in
+state.json is the whole RNG state.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from mlxtune import adapters
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -67,7 +68,6 @@ def save(ckpt_root: Path, step: int, model, adapter_config: dict, optimizer,
     with atomic_dir(final) as tmp:
         adapters.save(model, adapter_config, tmp)
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
-        mx.save_safetensors(str(tmp / RNG_FILE), {"key": mx.random.state[0]})
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     if keep > 0:
         for old in list_checkpoints(ckpt_root)[:-keep]:
@@ -94,10 +94,9 @@ def latest(ckpt_root: Path) -> Path | None:
 
 
 def load(path: Path, model, optimizer) -> dict:
-    """Restore adapter weights, optimizer state and RNG; return the trainer state."""
+    """Restore adapter weights and optimizer state; return the trainer state."""
     path = Path(path)
     weights = mx.load(str(path / adapters.ADAPTER_FILE))
     model.load_weights(list(weights.items()), strict=False)
     optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_FILE)).items()))
-    mx.random.state[0] = mx.load(str(path / RNG_FILE))["key"]
     return json.loads((path / STATE_FILE).read_text())

@@ -22,6 +22,7 @@ from mlx.utils import tree_map
 
 from mlxtune import backend, data, objectives
 from mlxtune.config import Config
+from mlxtune.errors import TrainingStopped
 from mlxtune.train import checkpoint
 from mlxtune.train.events import EventWriter
 from mlxtune.train.optim import make_optimizer
@@ -57,6 +58,10 @@ def total_steps(cfg: Config, n_train: int) -> int:
         return t.iters
     batches_per_epoch = math.ceil(n_train / t.batch_size)
     return max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accumulation))
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (1 << 63)
 
 
 def enable_grad_checkpoint(model: nn.Module) -> None:
@@ -146,6 +151,8 @@ class Trainer:
 
     def _train_step(self, fused, micro, finish) -> tuple[float, int]:
         accum = self.cfg.train.grad_accumulation
+        # The RNG (LoRA dropout) is a function of (seed, step): resuming needs no RNG file.
+        mx.random.seed(step_seed(self.cfg.train.seed, self.pos.step + 1))
         if accum == 1:
             loss_sum, ntok, _ = fused(*self._next_batch())
             mx.eval(loss_sum, ntok, self.model.state)
@@ -212,7 +219,8 @@ class Trainer:
         try:
             return self._loop(optimizer, steps)
         except BaseException as e:
-            if not isinstance(e, KeyboardInterrupt):
+            # A NaN stop has emitted its own stop event already.
+            if not isinstance(e, (KeyboardInterrupt, TrainingStopped)):
                 self.events.emit("stop", reason="error", step=self.pos.step,
                                  message=f"{type(e).__name__}: {e}")
             raise
@@ -236,7 +244,6 @@ class Trainer:
                        f"{last}" if last else f"loss became {loss} at step {pos.step + 1} "
                        "(no checkpoint was saved before it)")
                 self.events.emit("stop", reason="nan", step=pos.step + 1, message=msg)
-                from mlxtune.errors import TrainingStopped
                 raise TrainingStopped(msg + "; lower train.learning_rate or check the data")
             pos.step += 1
             pos.tokens += ntok

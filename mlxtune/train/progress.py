@@ -24,9 +24,22 @@ class Progress:
         self._step0 = 0
         self.total = 0
         self._open_line = False
+        self._held: list[str] | None = None
+
+    def hold(self) -> None:
+        """Keep messages back (until release) while inputs are still being checked."""
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held or [], None
+        for text in held:
+            self._write(text, final=True)
 
     def _write(self, text: str, final: bool) -> None:
         if self.quiet:
+            return
+        if self._held is not None:
+            self._held.append(text)
             return
         if self.tty and not final:
             self.stream.write("\r\033[K" + text)

@@ -80,7 +80,7 @@ def test_run_writes_the_run_directory(workdir, capsys):
         assert {"step", "loss", "lr", "tokens", "tokens_per_sec", "peak_memory_gb", "time"} <= set(e)
     assert trains[-1]["tokens"] > trains[0]["tokens"] > 0
     vals = [e for e in events if e["event"] == "val"]
-    assert [v["step"] for v in vals] == [4, 8, 12]
+    assert [v["step"] for v in vals] == [0, 4, 8, 12]
     assert vals[-1]["loss"] < vals[0]["loss"]  # it learns
     # The resolved config has every default filled in and absolute paths.
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -174,7 +174,7 @@ def test_early_stopping_keeps_best(workdir, capsys):
     code, out = run_cli(["run", str(config), "--run-dir", str(run_dir)], capsys)
     assert code == 0, out.err
     stop = read_events(run_dir)[-1]
-    assert stop["reason"] == "early_stopping" and stop["step"] == 6
+    assert stop["reason"] == "early_stopping" and stop["step"] == 4  # val at 0 is best; 2 and 4 do not improve
     assert (run_dir / "best" / "adapters.safetensors").exists()
 
 

@@ -235,6 +235,8 @@ class Trainer:
         last_loss = None
         saved_at = pos.step if pos.step else -1
         self.progress.start(pos.step, self.total)
+        if t.eval_every and pos.step == 0:
+            self._evaluate()  # the untrained starting point, for comparison
         while pos.step < self.total:
             loss_sum, ntok = self._train_step(*steps)
             loss = loss_sum / max(ntok, 1)

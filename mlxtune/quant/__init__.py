@@ -1,5 +1,9 @@
 """The quantized base: quantize a dense model on load, and the CPU compute path.
 
+Formats: MLX's affine layout (nn.QuantizedLinear / nn.QuantizedEmbedding, MLX's kernels)
+and our own, NF4 and GGUF Q6_K (layers.QuantLinear / QuantEmbedding, our kernels); numpy
+references in `formats`, MLX layouts in `layouts`, kernels in `kernels` (docs/kernels.md).
+
 On Metal and CUDA, MLX's own quantized kernels are the fast path and layers stay as they
 are. On the CPU backend `mx.quantized_matmul` runs at a few GFLOP/s, while dequantizing a
 layer's weight and handing the product to BLAS is ~20x faster (see
@@ -14,10 +18,39 @@ import functools
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxtune.quant.layers import QuantEmbedding, QuantLinear
+
+QUANTIZED_TYPES = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantLinear, QuantEmbedding)
+
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-               for _, m in model.named_modules())
+    return any(isinstance(m, QUANTIZED_TYPES) for _, m in model.named_modules())
+
+
+def linear_geometry(linear: nn.Module) -> tuple[int, int, mx.Dtype]:
+    """(output dims, input dims, floating dtype) of any linear layer we may wrap."""
+    if isinstance(linear, QuantLinear):
+        return linear.output_dims, linear.input_dims, linear.dtype
+    out_dims, in_dims = linear.weight.shape
+    if isinstance(linear, nn.QuantizedLinear):
+        return out_dims, in_dims * 32 // linear.bits, linear["scales"].dtype
+    return out_dims, in_dims, linear.weight.dtype
+
+
+def quantize_nf4(model: nn.Module) -> int:
+    """Replace every linear and embedding layer whose input size 64 divides by its NF4
+    form (double-quantized, as in QLoRA). Returns how many layers were quantized."""
+    from mlx.utils import tree_unflatten
+
+    swaps = []
+    for path, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0:
+            swaps.append((path, QuantLinear.from_linear(m)))
+        elif isinstance(m, nn.Embedding) and m.weight.shape[-1] % 64 == 0:
+            swaps.append((path, QuantEmbedding.from_embedding(m)))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return len(swaps)
 
 
 def quantize_dense(model: nn.Module, bits: int, group_size: int) -> int:
@@ -98,10 +131,17 @@ def use_cpu_path(model: nn.Module) -> int:
 
 
 def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Cast every floating-point parameter (weights, norms, quantization scales and
-    biases) to `dtype`; packed integer weights are left alone."""
+    """Cast every floating-point parameter (weights, norms, affine scales and biases) to
+    `dtype`; packed integer weights are left alone, and so is the packed state of our own
+    formats (its float parts are part of the format; those layers compute in `dtype`)."""
     from mlx.utils import tree_map
 
-    model.update(tree_map(
-        lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-        model.parameters()))
+    def cast(p):
+        return p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p
+
+    for _, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            m.dtype = dtype
+    own = {id(m[k]) for _, m in model.named_modules()
+           if isinstance(m, (QuantLinear, QuantEmbedding)) for k in m if k != "bias"}
+    model.update(tree_map(lambda p: p if id(p) in own else cast(p), model.parameters()))

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxtune import quant
 from mlxtune.config import AdapterConfig
 from mlxtune.errors import ConfigError, ModelError
 
@@ -30,11 +31,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, linear: nn.Module, rank: int, scale: float, dropout: float = 0.0):
         super().__init__()
-        out_dims, in_dims = linear.weight.shape
-        if isinstance(linear, nn.QuantizedLinear):
-            in_dims = in_dims * 32 // linear.bits
-        dtype = linear["scales"].dtype if isinstance(linear, nn.QuantizedLinear) \
-            else linear.weight.dtype
+        out_dims, in_dims, dtype = quant.linear_geometry(linear)
         self.linear = linear
         self.dropout = nn.Dropout(p=dropout)
         self.scale = scale
@@ -44,16 +41,19 @@ class LoRALinear(nn.Module):
         self.lora_b = mx.zeros((rank, out_dims), dtype=dtype)
 
     def __call__(self, x):
-        y = self.linear(x)
         if not self.enabled:
-            return y
+            return self.linear(x)
+        if hasattr(self.linear, "with_lora"):  # our formats: LoRA fused into the kernel
+            return self.linear.with_lora(x, self.dropout(x) @ self.lora_a, self.lora_b,
+                                         self.scale)
+        y = self.linear(x)
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b
         return y + (self.scale * z).astype(x.dtype)
 
 
 def _linear_keys(block: nn.Module) -> list[str]:
     return [k for k, m in block.named_modules()
-            if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and k]
+            if isinstance(m, (nn.Linear, nn.QuantizedLinear, quant.QuantLinear)) and k]
 
 
 def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
@@ -111,6 +111,9 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = 0
     for _, m in model.named_modules():
+        if isinstance(m, (quant.QuantLinear, quant.QuantEmbedding)):
+            total += quant.dense_size(m) + (m["bias"].size if "bias" in m else 0)
+            continue
         for name, v in m.items():
             if not isinstance(v, mx.array):
                 continue

@@ -29,7 +29,9 @@ def _choices(*values, **extra):
 
 @dataclass
 class QuantizeConfig:
-    format: str = field(default="affine", metadata=_choices("affine", "none"))
+    # affine: MLX's group-wise format (bits, group_size); nf4: QLoRA's NormalFloat4 with
+    # double quantization (block 64; bits and group_size do not apply).
+    format: str = field(default="affine", metadata=_choices("affine", "nf4", "none"))
     bits: int = field(default=4, metadata=_choices(2, 3, 4, 5, 6, 8))
     group_size: int = field(default=64, metadata=_choices(32, 64, 128))
 

@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -121,19 +122,75 @@ def test_quantized_modules_stay_quantized(tmp_path):
     assert "model.layers.0.self_attn.q_proj" not in q
 
 
-def test_dense_types_bf16_q5_q6(tmp_path):
-    """Types MLX cannot keep quantized are dequantized (gguf-py) to float16; BF16 stays
-    bfloat16 bit for bit."""
-    args, model = source_model("llama", intermediate_size=256)
+def test_dense_types_bf16_and_q2_k(tmp_path):
+    """Types kept neither as MLX affine nor as our own format are dequantized (gguf-py) to
+    float16; BF16 stays bfloat16 bit for bit."""
+    args, model = source_model("llama", hidden_size=256, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=256)
     path = tmp_path / "d.gguf"
     reference = write_gguf(path, model, args, byte_level_tokenizer(),
-                           types={"q_proj": T.BF16, "mlp": T.Q5_0, "k_proj": T.Q5_1})
+                           types={"q_proj": T.BF16, "mlp": T.Q2_K})
     loaded, _, config = load_gguf(path)
     assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == mx.bfloat16
     assert loaded.model.layers[0].mlp.up_proj.weight.dtype == mx.float16
     assert "quantization" not in config
     np.testing.assert_allclose(logits(loaded), logits(reference_model(args, reference)),
                                rtol=1e-5, atol=1e-5)
+
+
+# A typical llama.cpp Q4_K_M mix (K-quants where the input size allows, Q5_0/Q6_K elsewhere).
+Q4_K_M = {"embed_tokens": T.Q4_K, "q_proj": T.Q4_K, "k_proj": T.Q5_K, "v_proj": T.Q6_K,
+          "o_proj": T.Q5_0, "gate_proj": T.Q4_K, "up_proj": T.Q5_1, "down_proj": T.Q6_K,
+          "lm_head": T.Q6_K}
+K_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+               num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mixed_k_quant_file_keeps_stored_types(tmp_path, case):
+    from mlxtune.quant import QuantEmbedding, QuantLinear
+
+    model_type = case.split("-")[0]
+    overrides = {**CASES[case], **K_SIZES}
+    if "head_dim" in CASES[case]:
+        overrides["head_dim"] = 64
+        if "query_pre_attn_scalar" in overrides:   # llama.cpp assumes head_dim
+            overrides["query_pre_attn_scalar"] = 64
+    args, model = source_model(model_type, **overrides)
+    path = tmp_path / "k.gguf"
+    reference = write_gguf(path, model, args, byte_level_tokenizer(), types=Q4_K_M)
+    loaded, _, config = load_gguf(path)
+
+    layer = loaded.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, nn.QuantizedLinear)
+    assert layer.self_attn.k_proj.bits == 5 and layer.self_attn.o_proj.bits == 5
+    assert layer.self_attn.q_proj["scales"].dtype == mx.float32    # exact K-quant scales
+    assert layer.self_attn.o_proj["scales"].dtype == mx.float16
+    assert isinstance(layer.self_attn.v_proj, QuantLinear)
+    assert isinstance(layer.mlp.down_proj, QuantLinear) and layer.mlp.down_proj.format == "q6_k"
+    emb = loaded.model.embed_tokens
+    assert isinstance(emb, nn.QuantizedEmbedding) and emb.bits == 4
+    assert config["quantization_formats"]["model.layers.1.mlp.down_proj"] == "q6_k"
+    if not args.get("tie_word_embeddings", True):
+        assert isinstance(loaded.lm_head, QuantLinear)
+    assert not isinstance(emb, QuantEmbedding)
+    expected = logits(reference_model(args, reference))
+    got = logits(loaded)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_q6_k_embedding(tmp_path):
+    from mlxtune.quant import QuantEmbedding
+
+    args, model = source_model("llama", **K_SIZES)
+    path = tmp_path / "e.gguf"
+    reference = write_gguf(path, model, args, byte_level_tokenizer(),
+                           types={"embed_tokens": T.Q6_K, "mlp": T.Q6_K})
+    loaded, _, _ = load_gguf(path)
+    assert isinstance(loaded.model.embed_tokens, QuantEmbedding)
+    expected = logits(reference_model(args, reference))
+    np.testing.assert_allclose(logits(loaded), expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
 
 
 def test_saved_as_mlx_lm_folder_loads_back(tmp_path):

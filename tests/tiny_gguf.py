@@ -74,6 +74,15 @@ def _to_file_layout(param: str, w: np.ndarray, args: dict) -> np.ndarray:
     return w
 
 
+def _kept():
+    from gguf import GGMLQuantizationType as T
+
+    return {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.BF16}
+
+
+KEPT = _kept()   # types the loader keeps as stored (every other type becomes float16)
+
+
 def _encode(param: str, w: np.ndarray, qtype, args: dict):
     """(array to write in the file's layout, reference the loader should reproduce)."""
     from gguf import GGMLQuantizationType as T
@@ -84,11 +93,33 @@ def _encode(param: str, w: np.ndarray, qtype, args: dict):
         return stored, w
     if qtype == T.F16:
         return stored.astype(np.float16), w.astype(np.float16).astype(np.float32)
+    def encode(x):
+        if qtype == T.Q2_K:  # nothing quantizes Q2_K here: blocks derived from the weights
+            return q2_k_blocks(x)
+        try:
+            return quantize(x, qtype)
+        except NotImplementedError:  # gguf-py cannot quantize K-quants: our round-to-nearest
+            from mlxtune.quant.formats import quantize as ours
+
+            return ours(x, qtype.name).reshape(*x.shape[:-1], -1)
+
     # Rows are quantized independently, so the layout change and quantization commute.
-    ref = dequantize(quantize(w, qtype), qtype).astype(np.float32)
-    if qtype not in (T.Q4_0, T.Q4_1, T.Q8_0, T.BF16):
+    ref = dequantize(encode(w), qtype).astype(np.float32)
+    if qtype not in KEPT:
         ref = ref.astype(np.float16).astype(np.float32)  # the loader keeps these as fp16
-    return quantize(stored, qtype), ref
+    return encode(stored), ref
+
+
+def q2_k_blocks(w: np.ndarray) -> np.ndarray:
+    """Valid Q2_K blocks (84 bytes per 256 weights) whose codes come from the weights' bits
+    and whose float16 d/dmin are small, so gguf-py can decode them as a reference."""
+    rows = int(np.prod(w.shape[:-1]))
+    n = w.size // 256
+    raw = np.frombuffer(np.ascontiguousarray(w, np.float32).tobytes(), np.uint8)
+    blocks = np.resize(raw, n * 84).reshape(n, 84).copy()
+    blocks[:, 80:82] = np.full(n, 0.01, np.float16).view(np.uint8).reshape(n, 2)
+    blocks[:, 82:84] = np.full(n, 0.005, np.float16).view(np.uint8).reshape(n, 2)
+    return blocks.reshape(*w.shape[:-1], -1) if rows else blocks
 
 
 def write_gguf(path: Path, model, args: dict, tokenizer=None, types: dict | None = None,

@@ -153,6 +153,11 @@ def prepare(model: nn.Module, config: dict, cfg: ModelConfig) -> None:
     if q is not None and q.format != "none":
         if quant.is_quantized(model):
             log.info("model is already quantized; model.quantize is ignored")
+        elif q.format == "nf4":
+            quant.quantize_nf4(model)
+            config["quantization_formats"] = {p: "nf4" for p, m in model.named_modules()
+                                              if isinstance(m, (quant.QuantLinear,
+                                                                quant.QuantEmbedding))}
         else:
             quant.quantize_dense(model, bits=q.bits, group_size=q.group_size)
             config["quantization"] = {"group_size": q.group_size, "bits": q.bits,

@@ -4,9 +4,11 @@ Everything comes from the file: hyperparameters and tokenizer from its metadata,
 from its tensors. Tensors are read from a memory map (see gguf_file), not with `mx.load`:
 measured with mlx 0.32, `mx.load` decodes Q4_K wrongly, silently drops TQ1_0/TQ2_0/MXFP4
 tensors, turns BF16 into float16 and fails on the whole file when one tensor is
-Q5_0/Q5_K/Q3_K. Here Q4_0, Q4_1 and Q8_0 become MLX affine triples (group size 32,
-bit-exact with what `mx.load` gives) and stay quantized; the other quantized types are
-dequantized by gguf-py to float16.
+Q5_0/Q5_K/Q3_K. Here every type a QLoRA base is usually stored in stays quantized, so a
+mixed file such as a typical Q4_K_M keeps its stored bits: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+Q4_K and Q5_K become MLX affine triples (group size 32, exact: see quant.layouts) and
+Q6_K becomes our own q6_k layout (quant.QuantLinear / QuantEmbedding). The remaining
+quantized types (Q2_K, Q3_K, IQ*, TQ*) are dequantized by gguf-py to float16.
 
 llama.cpp's converter changes two things that are undone here: it interleaves the rows of
 Q and K per head for the llama family (its RoPE is the "traditional" one), and it stores
@@ -25,6 +27,7 @@ from mlxtune.errors import ModelError
 from mlxtune.models import gguf_file
 from mlxtune.models.gguf_file import printable
 from mlxtune.models.gguf_config import ARCHES, Arch, architecture, model_config
+from mlxtune.quant import layouts
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +60,23 @@ def _type_sets():
     from gguf import GGMLQuantizationType as T
 
     direct = {T.F32, T.F16, T.BF16}
-    affine = {T.Q4_0: 4, T.Q4_1: 4, T.Q8_0: 8}
+    affine = {getattr(T, name): bits for name, bits in layouts.AFFINE_TYPES.items()}
+    own = {getattr(T, name): fmt for name, fmt in layouts.OWN_TYPES.items()}
     # Types gguf-py dequantizes (checked: it raises NotImplementedError for the others).
-    dense = {T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ1_S, T.IQ1_M,
-             T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_NL, T.IQ4_XS,
-             T.TQ1_0, T.TQ2_0}
+    dense = {T.Q2_K, T.Q3_K, T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS,
+             T.IQ3_S, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0}
     dense |= {getattr(T, n) for n in ("MXFP4",) if hasattr(T, n)}
-    return direct, affine, dense
+    return direct, affine, own, dense
 
 
 def supported_types() -> list[str]:
-    direct, affine, dense = _type_sets()
-    return [t.name for t in sorted(direct | set(affine) | dense, key=int)]
+    direct, affine, own, dense = _type_sets()
+    return [t.name for t in sorted(direct | set(affine) | set(own) | dense, key=int)]
 
 
 def _check_types(f: gguf_file.GGUFFile) -> None:
-    direct, affine, dense = _type_sets()
-    known = direct | set(affine) | dense
+    direct, affine, own, dense = _type_sets()
+    known = direct | set(affine) | set(own) | dense
     for t in f.tensors:
         if t.type not in known:
             raise ModelError(
@@ -82,13 +85,14 @@ def _check_types(f: gguf_file.GGUFFile) -> None:
 
 
 def _read_tensor(f: gguf_file.GGUFFile, t: gguf_file.TensorInfo) -> dict:
-    """{"weight": array} or, for Q4_0/Q4_1/Q8_0, {"weight", "scales", "biases"} as MLX
-    affine quantization (rows first, like PyTorch)."""
+    """{"weight": array}; for the affine types {"weight", "scales", "biases"} as MLX affine
+    quantization; for Q6_K our q6_k arrays ({"weight", "weight_high", "scales", "d"}).
+    Rows first, like PyTorch."""
     import mlx.core as mx
     from gguf import GGMLQuantizationType as T
     from gguf.quants import dequantize
 
-    _, affine, _ = _type_sets()
+    _, affine, own, _ = _type_sets()
     shape, kind, raw = t.shape, t.type, f.data(t)
     if kind == T.F32:
         return {"weight": mx.array(raw.view(np.float32).reshape(shape))}
@@ -97,7 +101,10 @@ def _read_tensor(f: gguf_file.GGUFFile, t: gguf_file.TensorInfo) -> dict:
     if kind == T.BF16:
         return {"weight": mx.array(raw.view(np.uint16)).view(mx.bfloat16).reshape(shape)}
     if kind in affine:
-        return _to_affine(raw, kind, shape)
+        arrays, _ = layouts.gguf_affine(raw, kind.name, shape)
+        return {k: mx.array(v) for k, v in arrays.items()}
+    if kind in own and len(shape) == 2:
+        return {k: mx.array(v) for k, v in layouts.gguf_q6_k(raw, shape).items()}
     # gguf-py dequantizes to float32: go by row blocks so a large embedding never
     # exists in float32 as a whole.
     blocks = raw.reshape(int(np.prod(shape[:-1])), -1)
@@ -106,35 +113,6 @@ def _read_tensor(f: gguf_file.GGUFFile, t: gguf_file.TensorInfo) -> dict:
     for start in range(0, blocks.shape[0], step):
         dense[start:start + step] = dequantize(blocks[start:start + step], kind)
     return {"weight": mx.array(dense.reshape(shape))}
-
-
-def _to_affine(raw: np.ndarray, kind, shape: tuple) -> dict:
-    """Repack GGML blocks of 32 into MLX affine form: w = scale * q + bias, q unsigned,
-    packed little-endian into uint32 (value i of a word in bits [b*i, b*(i+1)))."""
-    import mlx.core as mx
-    from gguf import GGMLQuantizationType as T
-
-    rows = int(np.prod(shape[:-1]))
-    if kind == T.Q8_0:         # fp16 d, 32 x int8;  w = d * q
-        blocks = raw.reshape(-1, 34)
-        d = blocks[:, :2].copy().view(np.float16)
-        q = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        bias = d * np.float16(-128)
-    else:                      # Q4_0: fp16 d, 16 bytes;  Q4_1: fp16 d, fp16 m, 16 bytes
-        head = 2 if kind == T.Q4_0 else 4
-        blocks = raw.reshape(-1, head + 16)
-        d = blocks[:, :2].copy().view(np.float16)
-        nib = blocks[:, head:]
-        # GGML keeps values 0..15 in the low nibbles, 16..31 in the high ones.
-        vals = np.concatenate([nib & 0x0F, nib >> 4], axis=1)
-        q = (vals[:, 0::2] | (vals[:, 1::2] << 4)).astype(np.uint8)
-        bias = d * np.float16(-8) if kind == T.Q4_0 else blocks[:, 2:4].copy().view(np.float16)
-    lead = shape[:-1]
-    return {
-        "weight": mx.array(q.reshape(rows, -1).view(np.uint32).reshape(*lead, -1)),
-        "scales": mx.array(d.reshape(*lead, -1)),
-        "biases": mx.array(bias.reshape(*lead, -1)),
-    }
 
 
 # -- weights -------------------------------------------------------------------------------
@@ -172,15 +150,17 @@ def _quant_params(arrays: dict, in_features: int) -> dict:
 
 
 def _collect_weights(model, f: gguf_file.GGUFFile, config: dict, arch_name: str):
-    """mlx_lm parameter name -> array, and module path -> quantization params."""
+    """mlx_lm parameter name -> array, module path -> affine quantization params, and
+    module path -> arrays of our own q6_k format."""
     import mlx.core as mx
+    import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     arch = ARCHES[arch_name]
     tensors = {t.name: t for t in f.tensors}
     path = f.path
     names = _gguf_names(arch_name, config["num_hidden_layers"])
-    weights, quantized, used = {}, {}, set()
+    weights, quantized, own, used = {}, {}, {}, set()
     for param, value in tree_flatten(model.parameters()):
         gname = names.get_name(param, try_suffixes=(".weight", ".bias"))
         if gname not in tensors:
@@ -194,6 +174,12 @@ def _collect_weights(model, f: gguf_file.GGUFFile, config: dict, arch_name: str)
                              f"the model expects {list(value.shape)} for {param}")
         arrays = _fix_layout(param, _read_tensor(f, tensors[gname]), config, arch)
         module = param.rsplit(".", 1)[0]
+        if "weight_high" in arrays:      # q6_k
+            if isinstance(_submodule(model, module), (nn.Linear, nn.Embedding)):
+                own[module] = arrays
+                weights.update({f"{module}.{k}": v for k, v in arrays.items()})
+                continue
+            arrays = {"weight": layouts.dequantize("q6_k", arrays, mx.float16)}
         if "scales" in arrays:
             q = _quant_params(arrays, value.shape[-1])
             if hasattr(_submodule(model, module), "to_quantized"):
@@ -209,7 +195,26 @@ def _collect_weights(model, f: gguf_file.GGUFFile, config: dict, arch_name: str)
         raise ModelError(f"{path}: tensors this loader does not know how to use for "
                          f"{arch_name}: {', '.join(unused[:5])}"
                          f"{' ...' if len(unused) > 5 else ''}")
-    return weights, quantized
+    return weights, quantized, own
+
+
+def _own_format_modules(model, own: dict) -> list:
+    """(path, QuantLinear | QuantEmbedding) for the modules held in our own formats."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlxtune.quant import QuantEmbedding, QuantLinear
+
+    swaps = []
+    for path, arrays in own.items():
+        m = _submodule(model, path)
+        rows, cols = arrays["weight"].shape[0], arrays["weight"].shape[1] * 8
+        if isinstance(m, nn.Embedding):
+            swaps.append((path, QuantEmbedding("q6_k", arrays, rows, cols)))
+        else:
+            bias = mx.zeros((rows,)) if "bias" in m else None   # loaded with the weights
+            swaps.append((path, QuantLinear("q6_k", arrays, cols, rows, bias)))
+    return swaps
 
 
 def _submodule(model, dotted: str):
@@ -242,7 +247,7 @@ def _build_model(config: dict):
 
 def load_gguf(path: str | Path):
     """(model, tokenizer, config) from a GGUF file: an mlx_lm model with the file's
-    weights in Hugging Face layout (Q4_0/Q4_1/Q8_0 kept quantized), an mlx_lm
+    weights in Hugging Face layout (kept in their stored quantization), an mlx_lm
     TokenizerWrapper, and the mlx-lm config (with "quantization" when any tensor is).
     Any failure is a one-line ModelError naming the file."""
     path = Path(path)
@@ -274,7 +279,7 @@ def _load(path: Path):
     tokenizer = build_tokenizer(meta, path)
 
     model = _build_model(config)
-    weights, quantized = _collect_weights(model, f, config, arch_name)
+    weights, quantized, own = _collect_weights(model, f, config, arch_name)
     if hasattr(model, "sanitize"):  # e.g. drops lm_head for tied embeddings
         weights = model.sanitize(weights)
     quant = quantization_config(quantized)
@@ -282,9 +287,16 @@ def _load(path: Path):
         config["quantization"] = quant
         nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
                     class_predicate=lambda p, m: quantized.get(p, False))
+    own = {m: a for m, a in own.items() if f"{m}.weight" in weights}  # sanitize may drop
+    if own:
+        from mlx.utils import tree_unflatten
+
+        model.update_modules(tree_unflatten(_own_format_modules(model, own)))
+        # Not in "quantization": mlx_lm cannot build these layers; recorded for readers.
+        config["quantization_formats"] = {module: "q6_k" for module in own}
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     log.info("loaded %s: %s, %d layers, %s", path.name, config["model_type"],
              config["num_hidden_layers"],
-             f"{len(quantized)} quantized modules" if quantized else "dense")
+             f"{len(quantized) + len(own)} quantized modules" if quantized or own else "dense")
     return model, tokenizer, config

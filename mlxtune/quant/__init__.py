@@ -37,6 +37,13 @@ def linear_geometry(linear: nn.Module) -> tuple[int, int, mx.Dtype]:
     return out_dims, in_dims, linear.weight.dtype
 
 
+def dense_size(layer: nn.Module) -> int:
+    """How many weights one of our quantized layers stands for."""
+    if isinstance(layer, QuantLinear):
+        return layer.input_dims * layer.output_dims
+    return layer.num_embeddings * layer.dims
+
+
 def quantize_nf4(model: nn.Module) -> int:
     """Replace every linear and embedding layer whose input size 64 divides by its NF4
     form (double-quantized, as in QLoRA). Returns how many layers were quantized."""

@@ -12,7 +12,7 @@ from mlxtune.quant import formats, kernels, layouts
 pytestmark = pytest.mark.skipif(kernel_shim.compiler() is None, reason="no C++ compiler")
 
 N_OUT, K_IN = 80, 512      # neither a multiple of the 32 x 32 tile in every direction
-BACKENDS = ["metal"]
+BACKENDS = ["metal", "cuda"]
 
 
 def weights(fmt: str, rows=N_OUT, cols=K_IN, seed=0):

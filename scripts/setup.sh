@@ -12,6 +12,12 @@ if [ "$(uname -s)" = "Linux" ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libopenblas0-pthread >/dev/null
   fi
+  # The kernel tests compile kernels/ (Metal and CUDA sources) as C++ on the CPU.
+  if ! command -v g++ >/dev/null && ! command -v clang++ >/dev/null; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq g++ >/dev/null
+  fi
 fi
 
 PY=${PYTHON:-python3}

@@ -16,6 +16,15 @@ from mlxtune.quant import layouts
 TYPES = list(F.BLOCKS)
 
 
+@pytest.fixture(autouse=True)
+def on_the_cpu():
+    """Bit-for-bit claims are about the CPU path (GPU compilers may contract a*b+c)."""
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)
+
+
 def random_blocks(kind: str, n: int = 64, seed: int = 0) -> np.ndarray:
     """Random bytes everywhere (every code, scale and min bit pattern), with the float16
     fields replaced by finite values of mixed sign and magnitude."""

@@ -80,6 +80,9 @@ class DataConfig:
     max_seq_len: int = field(default=1024, metadata={"min": 8})
     # Loss on completion / assistant tokens only. None: on for chat and completions data.
     mask_prompt: Optional[bool] = None
+    # Several examples per row of max_seq_len tokens (no attention across them): true,
+    # false, or "auto" (pack when it costs fewer model FLOPs than length-bucketed batches).
+    packing: Union[bool, str] = field(default="auto", metadata=_choices("auto", True, False))
 
 
 @dataclass
@@ -116,6 +119,10 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata={"min": 0})  # 0: keep all
     log_every: int = field(default=10, metadata={"min": 1})
     grad_checkpoint: bool = False
+    # Positions per chunk of the output head + cross-entropy, recomputed in the backward
+    # pass so the [positions x vocab] logits are never held whole; batches with fewer
+    # positions compute it in one piece. 0: never chunk.
+    loss_chunk: int = field(default=2048, metadata={"min": 0})
     compile: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
@@ -240,7 +247,11 @@ def _convert(t, value, dotted: str, where: str, f=None):
                 return _convert(a, value, dotted, where, f)
             except ConfigError as e:
                 errors.append(e)
-        raise errors[-1] if len(args) == 1 else ConfigError(
+        if len(args) == 1:
+            raise errors[-1]
+        # A value of the right type but not among the choices says what the choices are.
+        choice = [e for e in errors if "is not one of" in str(e)]
+        raise choice[0] if choice else ConfigError(
             f"{where}: {dotted}: expected {_type_name(t)}, got {value!r}")
     if dataclasses.is_dataclass(t):
         if value is None:
@@ -266,7 +277,8 @@ def _convert(t, value, dotted: str, where: str, f=None):
     value = t(value)
     meta = f.metadata if f is not None else {}
     if "choices" in meta and value not in meta["choices"]:
-        options = ", ".join(str(c) for c in meta["choices"])
+        options = ", ".join(str(c).lower() if isinstance(c, bool) else str(c)
+                            for c in meta["choices"])
         raise ConfigError(f"{where}: {dotted}: {value!r} is not one of: {options}")
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{where}: {dotted}: must be >= {meta['min']}, got {value!r}")

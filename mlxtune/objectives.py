@@ -3,23 +3,37 @@
 Each objective returns (summed loss, number of loss-bearing tokens, extra metrics) so the
 trainer can weight micro-batches by their tokens when it accumulates gradients: the mean
 loss of an accumulated step equals the mean over all its tokens, however they are split.
+
+A batch is (tokens, mask) or, for packed rows, (tokens, mask, segments); see
+mlxtune.forward for the packed attention mask and the chunked loss (`chunk`).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
-
-def token_losses(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-    """Per-position cross-entropy of predicting tokens[:, 1:], and the mask for it."""
-    logits = model(tokens[:, :-1]).astype(mx.float32)
-    targets = tokens[:, 1:]
-    return nn.losses.cross_entropy(logits, targets, reduction="none"), mask[:, 1:]
+from mlxtune import forward
 
 
-def sft(model: nn.Module, tokens: mx.array, mask: mx.array):
-    losses, m = token_losses(model, tokens, mask)
+def token_losses(model: nn.Module, tokens: mx.array, mask: mx.array,
+                 segments: mx.array | None = None,
+                 chunk: int = 0) -> tuple[mx.array, mx.array]:
+    """Per-position cross-entropy of predicting tokens[:, 1:], and the mask for it.
+    The head is chunked only when the batch has more than `chunk` positions."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    seg = None if segments is None else segments[:, :-1]
+    positions = inputs.shape[0] * inputs.shape[1]
+    losses = forward.chunked_token_losses(model, inputs, targets, seg,
+                                          chunk=chunk if positions > chunk else 0)
+    return losses, mask[:, 1:]
+
+
+def sft(model: nn.Module, tokens: mx.array, mask: mx.array,
+        segments: mx.array | None = None, chunk: int = 0):
+    losses, m = token_losses(model, tokens, mask, segments, chunk)
     return (losses * m).sum(), m.sum()
 
 
@@ -28,3 +42,8 @@ OBJECTIVES = {"sft": sft}
 
 def get(name: str):
     return OBJECTIVES[name]
+
+
+def build(cfg) -> callable:
+    """The objective of a run's config, with its settings bound."""
+    return partial(get(cfg.objective.type), chunk=cfg.train.loss_chunk)

@@ -14,10 +14,11 @@ import mlx.core as mx
 
 from mlxtune import adapters, backend, data, models
 from mlxtune.config import Config, dump
+from mlxtune.data.batcher import decide_packing
 from mlxtune.errors import ConfigError, DataError
 from mlxtune.train import checkpoint
 from mlxtune.train.events import EventWriter, read_events
-from mlxtune.train.loop import Result, Trainer
+from mlxtune.train.loop import PAD_MULTIPLE, Result, Trainer
 from mlxtune.train.progress import Progress
 
 CONFIG_FILE = "config.yaml"
@@ -109,6 +110,9 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         adapter_config = adapters.apply_lora(model, cfg.adapter)
     adapter_config["base_model"] = cfg.model.path
     trainable, total = adapters.parameter_counts(model)
+    packed = decide_packing(cfg.data.packing, [len(e.tokens) for e in train_set.examples],
+                            cfg.data.max_seq_len, cfg.train.batch_size, loaded.config,
+                            PAD_MULTIPLE)
 
     progress.release()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,11 +127,13 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                     train_examples=len(train_set.examples),
                     valid_examples=len(valid_set.examples),
                     truncated=train_set.n_truncated + valid_set.n_truncated,
-                    resumed_from=str(resume_from) if resume_from else None)
+                    resumed_from=str(resume_from) if resume_from else None, packing=packed)
         progress.message(f"run: {run_dir}  ({trainable:,} trainable of {total:,} parameters, "
                          f"{info['backend']}, {info['blas']})")
         trainer = Trainer(model, adapter_config, cfg, train_set.examples, valid_set.examples,
-                          run_dir, events, progress, pad_id=_pad_id(loaded.tokenizer))
+                          run_dir, events, progress, pad_id=_pad_id(loaded.tokenizer),
+                          packed=packed)
+        progress.message(trainer.batches.describe())
         result = trainer.run(resume_from)
     finally:
         events.close()

@@ -78,8 +78,13 @@ def test_packed_losses_equal_unpacked_losses(model_type):
 
 
 def test_packing_pays_for_short_examples_not_for_full_rows():
-    flops, attention = 2 * 10e6, 4 * 576  # a SmolLM2-like layer stack, per token and pair
-    short = _lengths(400)  # 3..120 tokens into rows of 1024
-    assert packing_pays(short, 1024, 4, flops, attention)
-    full = [1000 + (i % 20) for i in range(100)]  # rows would hold one example each
-    assert not packing_pays(full, 1024, 4, flops, attention)
+    flops, attention = 2 * 10e6, 4 * 576  # a SmolLM2-like block, per token and per pair
+    # Short examples padded to multiples of 32 waste much of each row; packed they do not.
+    short = [int(x) for x in np.random.default_rng(0).integers(3, 40, size=400)]
+    assert packing_pays(short, 128, 4, flops, attention, pad_multiple=32)
+    # Rows that would hold one example each: packing only adds masking.
+    full = [1000 + (i % 20) for i in range(100)]
+    assert not packing_pays(full, 1024, 4, flops, attention, pad_multiple=32)
+    # Long rows of short examples: attention over the whole row costs more than the
+    # padding that bucketing (pad to 8) leaves.
+    assert not packing_pays(_lengths(400), 4096, 4, flops, attention, pad_multiple=8)

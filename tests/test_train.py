@@ -197,7 +197,8 @@ def test_grad_accumulation_equals_bigger_batch(workdir, capsys):
     assert any(np.abs(v).max() > 0 for k, v in results["big"].items() if k.endswith("lora_b"))
 
 
-@pytest.mark.parametrize("option", [{"grad_checkpoint": True}, {"compile": False}])
+@pytest.mark.parametrize("option", [{"grad_checkpoint": True}, {"compile": False},
+                                    {"loss_chunk": 7}])
 def test_checkpointing_and_compile_do_not_change_results(workdir, capsys, option):
     runs = {}
     for name, extra in {"plain": {}, "variant": option}.items():
@@ -207,6 +208,28 @@ def test_checkpointing_and_compile_do_not_change_results(workdir, capsys, option
         runs[name] = adapter_of(workdir / name / "adapters")
     for k in runs["plain"]:
         assert np.abs(runs["plain"][k] - runs["variant"][k]).max() < 1e-5, k
+
+
+def test_packed_step_equals_unpacked_step(workdir, capsys):
+    """One step over the same 4 examples: packed into one row, or a batch of 4 rows."""
+    write_jsonl(workdir / "four.jsonl", [chat(i) for i in range(4)])
+    results = {}
+    for name, (packing, bs) in {"rows": (False, 4), "packed": (True, 1)}.items():
+        cfg = yaml.safe_load((workdir / "config.yaml").read_text())
+        cfg["data"] = {"train": "four.jsonl", "max_seq_len": 512, "packing": packing}
+        cfg["train"].update(iters=1, batch_size=bs, optimizer="sgd", momentum=0.0,
+                            learning_rate=0.5, max_grad_norm=None, eval_every=0)
+        path = workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        code, out = run_cli(["run", str(path), "--run-dir", str(workdir / name)], capsys)
+        assert code == 0, out.err
+        results[name] = adapter_of(workdir / name / "adapters")
+        start = next(e for e in read_events(workdir / name) if e["event"] == "start")
+        assert start["packing"] is packing
+    assert "4.0 examples a row" in out.err
+    for k in results["rows"]:
+        np.testing.assert_allclose(results["packed"][k], results["rows"][k], atol=2e-5,
+                                   err_msg=k)
 
 
 def test_schedules():

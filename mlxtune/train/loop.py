@@ -22,6 +22,7 @@ from mlx.utils import tree_map
 
 from mlxtune import backend, data, objectives
 from mlxtune.config import Config
+from mlxtune.data.batcher import Batcher
 from mlxtune.errors import TrainingStopped
 from mlxtune.train import checkpoint
 from mlxtune.train.events import EventWriter
@@ -52,11 +53,10 @@ class Result:
     last_loss: float | None
 
 
-def total_steps(cfg: Config, n_train: int) -> int:
+def total_steps(cfg: Config, batches_per_epoch: int) -> int:
     t = cfg.train
     if t.iters is not None:
         return t.iters
-    batches_per_epoch = math.ceil(n_train / t.batch_size)
     return max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accumulation))
 
 
@@ -91,33 +91,27 @@ def _checkpointed_class(cls: type) -> type:
 class Trainer:
     def __init__(self, model: nn.Module, adapter_config: dict, cfg: Config,
                  train_set: list, valid_set: list, run_dir: Path, events: EventWriter,
-                 progress: Progress, pad_id: int):
+                 progress: Progress, pad_id: int, packed: bool = False):
         self.model, self.adapter_config, self.cfg = model, adapter_config, cfg
         self.train_set, self.valid_set = train_set, valid_set
         self.run_dir, self.events, self.progress = Path(run_dir), events, progress
         self.pad_id = pad_id
-        self.loss_fn = objectives.get(cfg.objective.type)
-        self.total = total_steps(cfg, len(train_set))
+        self.loss_fn = objectives.build(cfg)
+        self.batches = Batcher(train_set, cfg.train.batch_size, cfg.train.seed, pad_id,
+                               PAD_MULTIPLE, packed=packed, row_len=cfg.data.max_seq_len)
+        self.total = total_steps(cfg, self.batches.batches_per_epoch())
         self.pos = Position()
-        self._orders: dict[int, list[list[int]]] = {}
         self._signal = None
 
     # ------------------------------------------------------------------ batches
 
-    def _order(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._orders:
-            self._orders = {epoch: data.batch_order(
-                [len(e.tokens) for e in self.train_set], self.cfg.train.batch_size,
-                self.cfg.train.seed, epoch)}
-        return self._orders[epoch]
-
-    def _next_batch(self):
-        if self.pos.batch >= len(self._order(self.pos.epoch)):
+    def _next_batch(self) -> tuple:
+        if self.pos.batch >= len(self.batches.order(self.pos.epoch)):
             self.pos.epoch += 1
             self.pos.batch = 0
-        idx = self._order(self.pos.epoch)[self.pos.batch]
+        batch = self.batches.order(self.pos.epoch)[self.pos.batch]
         self.pos.batch += 1
-        return data.collate([self.train_set[i] for i in idx], self.pad_id, PAD_MULTIPLE)
+        return self.batches.arrays(batch)
 
     # ------------------------------------------------------------------ steps
 
@@ -135,12 +129,12 @@ class Trainer:
             optimizer.update(model, grads)
             return norm
 
-        def fused(tokens, mask):
-            (loss_sum, ntok), grads = loss_and_grad(model, tokens, mask)
+        def fused(*batch):
+            (loss_sum, ntok), grads = loss_and_grad(model, *batch)
             return loss_sum, ntok, finish(grads, ntok)
 
-        def micro(tokens, mask):
-            (loss_sum, ntok), grads = loss_and_grad(model, tokens, mask)
+        def micro(*batch):
+            (loss_sum, ntok), grads = loss_and_grad(model, *batch)
             return loss_sum, ntok, grads
 
         if t.compile:

@@ -120,9 +120,10 @@ def test_quantize_nf4_model_and_train_a_step(tiny_model_dir):
     reference.load_weights([
         (k, mx.array(formats.nf4_dequantize(formats.nf4_quantize(np.array(v)))))
         for k, v in tree_flatten(reference.parameters())
-        if v.ndim == 2 and v.shape[-1] % 64 == 0], strict=False)
+        if v.ndim == 2 and v.shape[-1] % 64 == 0 and ".layers." in k], strict=False)
     n = quant.quantize_nf4(model)
-    assert n == 2 * 7 + 1            # 7 linears per block, 2 blocks, the embedding
+    assert n == 2 * 7                # 7 linears per block, 2 blocks; embedding kept
+    assert isinstance(model.model.embed_tokens, nn.Embedding)
     assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
     assert quant.is_quantized(model)
     quant.cast_floats(model, mx.float32)
@@ -158,5 +159,47 @@ def test_config_nf4_quantizes_a_dense_base_on_load(tiny_model_dir):
 
     loaded = load(ModelConfig(path=str(tiny_model_dir), quantize=QuantizeConfig(format="nf4")))
     assert isinstance(loaded.model.model.layers[1].self_attn.q_proj, QuantLinear)
-    assert loaded.config["quantization_formats"]["model.embed_tokens"] == "nf4"
+    assert loaded.config["quantization_formats"]["model.layers.0.mlp.down_proj"] == "nf4"
+    assert "model.embed_tokens" not in loaded.config["quantization_formats"]
     assert "quantization" not in loaded.config
+
+
+def _compiled_backward_peak(fmt: str, n_layers: int, D: int = 512) -> int:
+    rng = np.random.default_rng(6)
+    layers = []
+    for _ in range(n_layers):
+        w = (rng.standard_normal((D, D)) * 0.05).astype(np.float32)
+        if fmt == "affine":
+            lin = nn.Linear(D, D, bias=False)
+            lin.weight = mx.array(w)
+            q = lin.to_quantized(group_size=64, bits=4)
+            q.__class__ = quant.DequantizedLinear
+            layers.append(q)
+        else:
+            arrays = layouts.nf4_from_dense(w) if fmt == "nf4" else \
+                layouts.gguf_q6_k(formats.quantize(w, "Q6_K"), w.shape)
+            layers.append(QuantLinear(fmt, arrays, D, D))
+    x = mx.array(rng.standard_normal((8, D)).astype(np.float32))
+    mx.eval([m.parameters() for m in layers], x)
+
+    def f(x):
+        for m in layers:
+            x = mx.tanh(m(x))
+        return x.sum()
+
+    grad = mx.compile(mx.grad(f))
+    mx.eval(grad(x))
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(grad(x))
+    return mx.get_peak_memory() - base
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "q6_k", "affine"])
+def test_no_dense_weights_pile_up_in_a_compiled_backward(fmt):
+    """A layer's dense weight lives only around its own product: the peak of a compiled
+    forward + backward does not grow with the number of quantized layers (without
+    mx.depends in the VJP it grew by one dense weight per layer)."""
+    dense = 512 * 512 * 4
+    growth = _compiled_backward_peak(fmt, 16) - _compiled_backward_peak(fmt, 4)
+    assert growth < 2 * dense      # 12 more layers; piling up would add >= 12 * dense

@@ -44,16 +44,19 @@ def dense_size(layer: nn.Module) -> int:
     return layer.num_embeddings * layer.dims
 
 
-def quantize_nf4(model: nn.Module) -> int:
-    """Replace every linear and embedding layer whose input size 64 divides by its NF4
-    form (double-quantized, as in QLoRA). Returns how many layers were quantized."""
+def quantize_nf4(model: nn.Module, embeddings: bool = False) -> int:
+    """Replace every linear layer of the transformer blocks whose input size 64 divides by
+    its NF4 form (double-quantized). As in QLoRA (bitsandbytes' 4-bit loading), the
+    embeddings and the output layer stay in the compute dtype unless `embeddings`.
+    Returns how many layers were quantized."""
     from mlx.utils import tree_unflatten
 
     swaps = []
     for path, m in model.named_modules():
-        if isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0:
+        if isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0 and \
+                (embeddings or ".layers." in f".{path}"):
             swaps.append((path, QuantLinear.from_linear(m)))
-        elif isinstance(m, nn.Embedding) and m.weight.shape[-1] % 64 == 0:
+        elif embeddings and isinstance(m, nn.Embedding) and m.weight.shape[-1] % 64 == 0:
             swaps.append((path, QuantEmbedding.from_embedding(m)))
     if swaps:
         model.update_modules(tree_unflatten(swaps))
@@ -82,19 +85,22 @@ def quantize_dense(model: nn.Module, bits: int, group_size: int) -> int:
 def _dequantized_matmul(group_size: int, bits: int, mode: str):
     """x @ dequantize(w).T with a backward that re-dequantizes instead of keeping w."""
 
-    def dense(w, scales, biases, dtype):
+    def dense(w, scales, biases, dtype, after):
+        # Only once `after` exists, or compiled graphs hold every layer's dense weight at
+        # once (see layers._cpu_matmul).
+        w, scales, biases = mx.depends([w, scales, biases], [after])
         return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits,
                              mode=mode, dtype=dtype)
 
     @mx.custom_function
     def matmul(x, w, scales, biases):
-        return x @ dense(w, scales, biases, x.dtype).T
+        return x @ dense(w, scales, biases, x.dtype, x).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, _output):
         x, w, scales, biases = primals
         # The base is frozen: only x gets a gradient.
-        dx = cotangent @ dense(w, scales, biases, cotangent.dtype)
+        dx = cotangent @ dense(w, scales, biases, cotangent.dtype, cotangent)
         return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
 
     return matmul

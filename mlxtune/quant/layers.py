@@ -32,17 +32,21 @@ def _packed(layer) -> tuple:
 def _cpu_matmul(fmt: str):
     keys = layouts.KEYS[fmt]
 
-    def dense(packed, dtype):
+    def dense(packed, dtype, after):
+        # Dequantize only once `after` exists: under mx.compile the scheduler otherwise
+        # computes every layer's dense weight early and keeps them all alive (measured:
+        # 24 layers of 1024 x 1024 held ~100 MB more than the dense model at peak).
+        packed = mx.depends(list(packed), [after])
         return layouts.dequantize(fmt, dict(zip(keys, packed)), dtype)
 
     @mx.custom_function
     def matmul(x, *packed):
-        return x @ dense(packed, x.dtype).T
+        return x @ dense(packed, x.dtype, x).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, _output):
         x, *packed = primals
-        dx = cotangent @ dense(packed, cotangent.dtype)
+        dx = cotangent @ dense(packed, cotangent.dtype, cotangent)
         return (dx, *[mx.zeros_like(p) for p in packed])
 
     return matmul

@@ -84,11 +84,25 @@ def nf4_to_reference(arrays: dict) -> dict:
 
 # -- dequantization in MLX ops --------------------------------------------------------------
 
-def _nf4_pairs():
+def _nf4_quads():
+    """uint16 (four codes) -> their four levels: a 1 MiB table. On the CPU a gather costs
+    ~10 ns per index whatever it fetches, so fetching 4 levels per index is ~2x faster
+    than 2 per byte and ~3x faster than 1 per code (measured, mlx 0.32)."""
     import mlx.core as mx
 
-    b = np.arange(256)
-    return mx.array(np.stack([F.NF4[b & 15], F.NF4[b >> 4]], axis=1))   # byte -> 2 values
+    i = np.arange(1 << 16)
+    return mx.array(np.stack([F.NF4[(i >> (4 * j)) & 15] for j in range(4)], axis=1))
+
+
+def _nf4_levels(words):
+    """uint32 words (..., n) -> float32 levels (..., 8n), in element order."""
+    import mlx.core as mx
+
+    if "quads" not in _cache:
+        _cache["quads"] = _nf4_quads()
+    lead = words.shape[:-1]
+    vals = mx.take(_cache["quads"], mx.view(words, mx.uint16), axis=0)
+    return vals.reshape(*lead, words.shape[-1] * 8)
 
 
 _cache: dict = {}
@@ -111,10 +125,7 @@ def dequantize(fmt: str, a: dict, dtype=None):
     w = a["weight"]
     rows, cols = w.shape[0], w.shape[-1] * 8
     if fmt == "nf4":
-        if "pairs" not in _cache:
-            _cache["pairs"] = _nf4_pairs()
-        # One gather per byte (two codes) instead of shifts and masks per code.
-        vals = mx.take(_cache["pairs"], mx.view(w, mx.uint8), axis=0)
+        vals = _nf4_levels(w)
         absmax = nf4_absmax(a["absmax_q"], a["absmax_scale"], a["absmax_offset"])
         out = (vals.reshape(rows, cols // 64, 64) * absmax[..., None]).reshape(rows, cols)
     elif fmt == "q6_k":
@@ -155,11 +166,9 @@ def dequantize_rows(fmt: str, a: dict, dtype=None):
     if fmt == "nf4":
         absmax = flat["absmax_q"].astype(mx.float32) * flat["absmax_scale_rows"] \
             + flat["absmax_offset"]
-        if "pairs" not in _cache:
-            _cache["pairs"] = _nf4_pairs()
         w = flat["weight"]
         rows, cols = w.shape[0], w.shape[-1] * 8
-        vals = mx.take(_cache["pairs"], mx.view(w, mx.uint8), axis=0)
+        vals = _nf4_levels(w)
         out = (vals.reshape(rows, cols // 64, 64) * absmax[..., None]).reshape(rows, cols)
         out = out if dtype is None else out.astype(dtype)
     else:

@@ -35,13 +35,16 @@ def cli(debug: bool) -> None:
                    "checkpoint.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; the run directory "
               "path is still printed at the end.")
-def run(config_path, overrides, run_dir, resume, quiet):
+@click.option("--no-eval", is_flag=True, help="Skip the evaluation against the base model "
+              "that follows training when there is a held-out split.")
+def run(config_path, overrides, run_dir, resume, quiet, no_eval):
     """Train as CONFIG says; write a run directory."""
     from mlxtune import config
     from mlxtune.run import run as run_training
 
     cfg = config.load(config_path, list(overrides))
-    run_dir, result = run_training(cfg, run_dir, resume=resume, quiet=quiet)
+    run_dir, result = run_training(cfg, run_dir, resume=resume, quiet=quiet,
+                                   evaluate=not no_eval)
     if not quiet:
         best = f", best val loss {result.best_val:.4f}" if result.best_val is not None else ""
         click.echo(f"{result.reason}: step {result.step}{best}", err=True)
@@ -63,6 +66,60 @@ def doctor(as_json):
     width = max(len(k) for k in info)
     for k, v in info.items():
         click.echo(f"{k:<{width}}  {v}")
+
+
+@cli.command("eval")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(["test", "valid"]),
+              help="Held-out split to evaluate on (default: eval.split, test).")
+@click.option("--adapter", type=click.Choice(["best", "final"]),
+              help="best/ (when it exists) or the final adapters/ (default: eval.adapter).")
+@click.option("--limit", type=click.IntRange(min=0), metavar="N",
+              help="Generate for the split's first N examples only (loss: whole split).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), metavar="N")
+@click.option("--schema", type=click.Path(dir_okay=False), help="JSON Schema file.")
+@click.option("--metric", metavar="MODULE:FUNCTION",
+              help="User metric function(prediction, reference) -> float.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def eval_command(run_dir, split, adapter, limit, max_new_tokens, schema, metric, as_json,
+                 quiet):
+    """Base vs tuned on a held-out split; writes eval.json and eval.md into RUN_DIR."""
+    from pathlib import Path
+
+    from mlxtune.evaluate import evaluate_run, report
+
+    if metric and ".py:" in metric:  # a file path is relative to the working directory
+        file, _, func = metric.rpartition(":")
+        metric = f"{Path(file).resolve()}:{func}"
+    overrides = {"split": split, "adapter": adapter, "examples": limit,
+                 "max_new_tokens": max_new_tokens, "metric": metric,
+                 "schema": str(Path(schema).resolve()) if schema else None}
+    log = (lambda _m: None) if quiet else (lambda m: click.echo(m, err=True))
+    result = evaluate_run(Path(run_dir), overrides, log=log)
+    click.echo(report.to_json(result) if as_json else report.table(result))
+
+
+@cli.command("export")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.option("--to", "to", required=True, metavar="FORMAT",
+              help="gguf | peft | mlx-fused | gguf-fused | ollama")
+@click.option("--out", type=click.Path(), help="Output file or folder "
+              "(default: RUN_DIR/export/...).")
+@click.option("--adapter", default="auto", metavar="best|final",
+              help="best/ (the best validation loss) or adapters/ (the last step); "
+                   "default: best/ when the run has one.")
+@click.option("--outtype", metavar="TYPE", help="gguf: f32|f16; gguf-fused: f16|q8_0|f32; "
+              "mlx-fused: f16|bf16|f32|q8|q4.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def export_command(run_dir, to, out, adapter, outtype, force):
+    """Export RUN_DIR's adapter for llama.cpp / Ollama / PEFT / mlx-lm; prints the path."""
+    from mlxtune.export import export
+
+    result = export(run_dir, to, out, adapter=adapter, force=force, outtype=outtype)
+    click.echo(f"{to}{f' ({result.outtype})' if result.outtype else ''} from "
+               f"{result.adapter_dir}{f'; {result.note}' if result.note else ''}", err=True)
+    click.echo(str(result.path))
 
 
 def main(argv=None) -> None:

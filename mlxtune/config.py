@@ -128,6 +128,25 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Base (adapters off) vs tuned on a held-out split; see mlxtune.evaluate.
+    split: str = field(default="test", metadata=_choices("test", "valid"))
+    auto: bool = True  # at the end of `mlxtune run`, when the split has examples
+    adapter: str = field(default="best", metadata=_choices("best", "final"))  # best/ if any
+    # Generation: greedy, for the first N examples of the split (None: all of them).
+    examples: Optional[int] = field(default=None, metadata={"min": 0})
+    # None: twice the longest reference (in tokens) plus 16.
+    max_new_tokens: Optional[int] = field(default=None, metadata={"min": 1})
+    batch_size: int = field(default=16, metadata={"min": 1})
+    schema: Optional[str] = None  # a JSON Schema file the outputs should match
+    metric: Optional[str] = None  # 'module:function' or 'file.py:function'
+    show: int = field(default=3, metadata={"min": 0})  # examples side by side
+    # Dequantize a quantized base once for eval on the CPU backend (same weights, faster
+    # decoding); auto: when its float32 copy takes under a quarter of the memory.
+    dense_base: Union[bool, str] = field(default="auto", metadata=_choices("auto", True, False))
+
+
+@dataclass
 class Config:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,6 +154,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Where the config came from; paths above are already absolute.
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
@@ -145,7 +165,8 @@ class Config:
 
 
 # Keys whose values are paths, resolved against the config file's folder.
-PATH_KEYS = ("model.path", "model.adapter", "data.train", "data.valid", "data.test", "data.path")
+PATH_KEYS = ("model.path", "model.adapter", "data.train", "data.valid", "data.test", "data.path",
+             "eval.schema")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -337,6 +358,12 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
                 _set(cfg, key, str(candidate.resolve()))
             continue
         _set(cfg, key, str((p if p.is_absolute() else base / p).resolve()))
+    # eval.metric may name a file (path/to/metrics.py:function) instead of a module.
+    metric = cfg.eval.metric
+    if metric and ".py:" in metric:
+        file, _, func = metric.rpartition(":")
+        p = Path(file).expanduser()
+        cfg.eval.metric = f"{(p if p.is_absolute() else base / p).resolve()}:{func}"
 
 
 def dump(cfg: Config) -> str:

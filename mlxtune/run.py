@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxtune import adapters, backend, data, models
-from mlxtune.config import Config, dump
+from mlxtune.config import Config, EvalConfig, dump
 from mlxtune.data.batcher import decide_packing
 from mlxtune.errors import ConfigError, DataError
 from mlxtune.train import checkpoint
@@ -26,6 +26,8 @@ CONFIG_FILE = "config.yaml"
 RESUMABLE_CHANGES = {"train.iters", "train.epochs", "train.eval_every", "train.save_every",
                      "train.log_every", "train.keep_checkpoints", "train.val_batches",
                      "train.early_stopping.patience", "train.early_stopping.min_delta"}
+# Evaluation settings never change what trains.
+RESUMABLE_CHANGES |= {f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)}
 
 
 def default_run_dir(cfg: Config, runs_root: Path = Path("runs")) -> Path:
@@ -69,7 +71,9 @@ def _encode(split: str, records, fmt, tokenizer, cfg: Config, progress: Progress
 
 
 def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
-        quiet: bool = False) -> tuple[Path, Result]:
+        quiet: bool = False, evaluate: bool = True) -> tuple[Path, Result]:
+    """Train; then, unless `evaluate` is false or eval.auto is off, evaluate base vs tuned
+    on the held-out split (eval.split) when it has examples."""
     progress = Progress(quiet=quiet)
 
     # Where the run goes; decided first, created last.
@@ -98,6 +102,11 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     progress.message(f"model: {cfg.model.path} ({loaded.source.kind})")
     train_set = _encode("train", splits["train"], fmt, loaded.tokenizer, cfg, progress)
     valid_set = _encode("valid", splits["valid"], fmt, loaded.tokenizer, cfg, progress)
+    evaluate = evaluate and cfg.eval.auto and bool(splits[cfg.eval.split])
+    if evaluate:
+        from mlxtune.evaluate import check as check_eval
+
+        check_eval(cfg)  # a bad schema file or metric fails now, not after training
     if not train_set.examples:
         raise DataError(f"{cfg.data.train or cfg.data.path}: no training example has a "
                         "loss-bearing token within data.max_seq_len")
@@ -137,6 +146,11 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         result = trainer.run(resume_from)
     finally:
         events.close()
+    if evaluate and result.reason in ("done", "early_stopping"):
+        from mlxtune.evaluate import evaluate_run, report
+
+        del trainer, model, loaded  # the evaluation loads the model afresh
+        progress.message(report.table(evaluate_run(run_dir, log=progress.message, cfg=cfg)))
     return run_dir, result
 
 

@@ -1,0 +1,270 @@
+"""Evaluation: the tuned model against its untuned base, on a held-out split of the run.
+
+One model is loaded; the base is that model with its LoRA layers switched off
+(`adapters.set_enabled`), the tuned model the same with them on. For each side, in order:
+
+1. loss and perplexity over the loss-bearing tokens of the split: the same encoding
+   (chat template, assistant-token mask, max_seq_len truncation) and the same per-token
+   cross-entropy as the trainer's validation, token-weighted over the whole split;
+2. greedy generation for the split's first `eval.examples` records (all by default): the
+   prompt is everything before the last assistant turn, rendered with the chat template and
+   its generation prompt, and decoding stops at an EOS / end-of-turn token;
+3. metrics of the generations against the reference answers (see `metrics`), wall time
+   and generated tokens per second.
+
+`evaluate_run` writes eval.json and eval.md into the run directory (atomically) and appends
+an `eval` event to events.jsonl. Bad input (no such split, no adapter, a bad schema file or
+metric) is a one-line MlxtuneError raised before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from mlxtune import adapters, backend, config, data, models, objectives
+from mlxtune.config import Config
+from mlxtune.errors import ConfigError, DataError, ModelError
+from mlxtune.evaluate import generate, report
+from mlxtune.evaluate.metrics import Scorer, Schema, load_metric
+
+PAD_MULTIPLE = 32  # as the trainer pads, so eval losses equal validation losses
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_run_config(run_dir: Path, overrides: dict | None = None) -> Config:
+    """The run's resolved config with `eval.*` overrides ({key: value}) applied."""
+    path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    # JSON values are YAML, so --set parses each value back exactly.
+    sets = [f"eval.{k}={json.dumps(v)}" for k, v in (overrides or {}).items() if v is not None]
+    return config.load(path, sets)
+
+
+def adapter_dir(run_dir: Path, which: str) -> Path:
+    """best/ when asked for and present (else the final adapters/), or adapters/."""
+    run_dir = Path(run_dir)
+    has = {name: (run_dir / name / adapters.ADAPTER_FILE).is_file()
+           for name in ("best", "adapters")}
+    if which == "best" and has["best"]:
+        return run_dir / "best"
+    if has["adapters"]:
+        return run_dir / "adapters"
+    if which == "final" and has["best"]:
+        raise ModelError(f"{run_dir}: no final adapter (adapters/{adapters.ADAPTER_FILE}); "
+                         "the run did not finish; use --adapter best or resume the run")
+    raise ModelError(f"{run_dir}: no adapter to evaluate (neither best/ nor adapters/ holds "
+                     f"{adapters.ADAPTER_FILE}); has the run trained and finished?")
+
+
+def check(cfg: Config) -> tuple[Schema | None, Callable | None]:
+    """Load and check the schema file and the user metric the config names."""
+    schema = Schema(cfg.eval.schema) if cfg.eval.schema else None
+    metric = load_metric(cfg.eval.metric) if cfg.eval.metric else None
+    return schema, metric
+
+
+def held_out(cfg: Config, split: str) -> tuple[list[data.Record], str]:
+    splits, fmt = data.load_splits(cfg.data, cfg.train.seed)
+    records = splits[split]
+    if not records:
+        how = (f"data.split.{split} is 0" if cfg.data.path else f"data.{split} is not set")
+        raise DataError(f"{cfg.source}: the {split} split is empty ({how}); give the run a "
+                        f"{split} split, or evaluate another with --split")
+    return records, fmt
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def _render(tokenizer, messages: list[dict], tools) -> list[int]:
+    kwargs = {"tools": tools} if tools else {}
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def prompt_and_reference(record: data.Record, fmt: str, tokenizer) -> tuple | None:
+    """(prompt ids, reference text, prompt text to show) for a record; None for text data,
+    which has no prompt to answer."""
+    d = record.data
+    if fmt == "text":
+        return None
+    if fmt == "completions":
+        if _has_template(tokenizer):
+            ids = _render(tokenizer, [{"role": "user", "content": d["prompt"]}], None)
+        else:
+            ids = list(tokenizer.encode(d["prompt"], add_special_tokens=True))
+        return ids, d["completion"], d["prompt"]
+    messages = d["messages"]
+    try:
+        ids = _render(tokenizer, messages[:-1], d.get("tools") or None)
+    except Exception as e:  # jinja refuses some conversations
+        raise DataError(f"{record.source}: the chat template cannot render this prompt: "
+                        f"{e}") from None
+    shown = next((m.get("content") or "" for m in reversed(messages[:-1])
+                  if m["role"] != "assistant"), "")
+    return ids, messages[-1].get("content") or "", shown
+
+
+def _has_template(tokenizer) -> bool:
+    flag = getattr(tokenizer, "has_chat_template", None)
+    return bool(flag) if flag is not None else bool(getattr(tokenizer, "chat_template", None))
+
+
+def stop_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or ())
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def split_loss(model, examples: list[data.Example], batch_size: int, pad_id: int,
+               chunk: int = 0) -> tuple[float, int]:
+    """(summed cross-entropy, loss-bearing tokens) over examples, as the trainer's
+    validation computes it (objectives.sft over length-bucketed, padded batches)."""
+    total, ntok = 0.0, 0
+    for idx in data.batch_order([len(e.tokens) for e in examples], batch_size, 0, 0):
+        tokens, mask = data.collate([examples[i] for i in idx], pad_id, PAD_MULTIPLE)
+        s, n = objectives.sft(model, tokens, mask, chunk=chunk)
+        mx.eval(s, n)
+        total += s.item()
+        ntok += int(n.item())
+    return total, ntok
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def measure_side(model, tokenizer, examples, prompts, scorer: Scorer | None, cfg: Config,
+                 pad_id: int, max_new_tokens: int, log) -> tuple[dict, list[str]]:
+    start = time.perf_counter()
+    out: dict = {}
+    if examples:
+        loss_sum, ntok = split_loss(model, examples, cfg.train.batch_size, pad_id,
+                                    cfg.train.loss_chunk)
+        out["loss"] = loss_sum / max(ntok, 1)
+        out["perplexity"] = _perplexity(out["loss"])
+        out["loss_tokens"] = ntok
+        log(f"  loss {out['loss']:.4f} over {ntok} tokens "
+            f"({time.perf_counter() - start:.0f} s)")
+    texts: list[str] = []
+    if prompts:
+        gens, seconds = generate.greedy(model, prompts, stop_ids(tokenizer), max_new_tokens,
+                                        cfg.eval.batch_size)
+        texts = [tokenizer.decode(g.tokens) for g in gens]
+        steps = sum(g.steps for g in gens)
+        out.update(scorer.score(texts))
+        out["generated"] = len(gens)
+        out["stopped"] = sum(g.stopped for g in gens) / len(gens)
+        out["generated_tokens"] = steps
+        out["generation_s"] = seconds
+        out["tokens_per_sec"] = steps / max(seconds, 1e-9)
+        log(f"  generated {steps} tokens for {len(gens)} examples in {seconds:.0f} s "
+            f"({out['tokens_per_sec']:.1f} tokens/s)")
+    out["wall_s"] = time.perf_counter() - start
+    return out, texts
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+def evaluate_run(run_dir: Path, overrides: dict | None = None,
+                 log: Callable[[str], None] = lambda _msg: None,
+                 cfg: Config | None = None) -> dict:
+    """Evaluate a run directory's adapter against its base; write eval.json / eval.md.
+    The run's config is read from the run directory unless given (`mlxtune run` passes
+    its own, which may differ in eval.* keys after a resume)."""
+    run_dir = Path(run_dir)
+    cfg = cfg or load_run_config(run_dir, overrides)
+    ev = cfg.eval
+    schema, metric = check(cfg)
+    which = adapter_dir(run_dir, ev.adapter)
+    records, fmt = held_out(cfg, ev.split)
+
+    log(f"eval: {ev.split} split of {run_dir} ({len(records)} examples), adapter "
+        f"{which.name}/")
+    loaded = models.load(cfg.model)
+    model, tok = loaded.model, loaded.tokenizer
+    dtype = backend.compute_dtype(cfg.model.dtype)
+    dense = generate.should_densify(model, ev.dense_base, dtype)
+    if dense:
+        generate.densify(model, dtype)
+    adapters.load(model, which)
+    model.eval()
+
+    encoded = data.encode(records, tok, cfg.data.max_seq_len, cfg.data.mask_prompt, fmt)
+    n_gen = len(records) if ev.examples is None else min(ev.examples, len(records))
+    pairs = [prompt_and_reference(r, fmt, tok) for r in records[:n_gen]]
+    pairs = [p for p in pairs if p is not None]
+    prompts = [p[0] for p in pairs]
+    references = [p[1] for p in pairs]
+    scorer = Scorer(references, schema, metric) if pairs else None
+    if scorer is not None and scorer.ref_schema_failures:
+        log(f"warning: {scorer.ref_schema_failures} of {len(references)} reference answers "
+            f"do not match {ev.schema}")
+    max_new = ev.max_new_tokens or _auto_max_new_tokens(tok, references)
+
+    sides, outputs = {}, {}
+    pad_id = _pad_id(tok)
+    for name, enabled in (("base", False), ("tuned", True)):
+        log(f"{name} ({'adapter on' if enabled else 'adapter off'}):")
+        adapters.set_enabled(model, enabled)
+        sides[name], outputs[name] = measure_side(model, tok, encoded.examples, prompts,
+                                                  scorer, cfg, pad_id, max_new, log)
+    adapters.set_enabled(model, True)
+
+    shown = [{"source": r.source, "prompt": p[2], "reference": p[1],
+              "base": outputs["base"][i], "tuned": outputs["tuned"][i]}
+             for i, (r, p) in enumerate(zip(records[:n_gen], pairs)) if i < ev.show]
+    result = {
+        "run_dir": str(run_dir),
+        "split": ev.split,
+        "adapter": str(which),
+        "format": fmt,
+        "objective": cfg.objective.type,
+        "split_examples": len(records),
+        "loss_examples": len(encoded.examples),
+        "truncated": encoded.n_truncated,
+        "generated_examples": len(prompts),
+        "max_new_tokens": max_new if prompts else None,
+        "schema": ev.schema,
+        "metric_name": ev.metric,
+        "dense_base": dense,
+        "backend": backend.name(),
+        "time": round(time.time(), 3),
+        "base": sides["base"],
+        "tuned": sides["tuned"],
+        "examples": shown,
+    }
+    report.write(run_dir, result)
+    return result
+
+
+def _auto_max_new_tokens(tokenizer, references: list[str]) -> int:
+    """Twice the longest reference plus 16: room for any answer that could match."""
+    longest = max((len(tokenizer.encode(r, add_special_tokens=False)) for r in references),
+                  default=0)
+    return 2 * longest + 16
+
+
+def _pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0

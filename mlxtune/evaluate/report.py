@@ -1,0 +1,128 @@
+"""Eval results -> eval.json, eval.md (both written atomically), a terminal table, and an
+`eval` event in events.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from mlxtune.train.events import EventWriter
+
+EVAL_JSON = "eval.json"
+EVAL_MD = "eval.md"
+
+# (key, label, format) in table order; rows whose key neither side has are left out.
+ROWS = [
+    ("loss", "loss", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+    ("exact_match", "exact match", "pct"),
+    ("json_valid", "JSON valid", "pct"),
+    ("schema_match", "schema match", "pct"),
+    ("metric", "metric", "{:.4f}"),
+    ("reward_accuracy", "reward accuracy", "pct"),
+    ("reward_margin", "reward margin", "{:.4f}"),
+    ("stopped", "ended by EOS", "pct"),
+    ("tokens_per_sec", "tokens/s", "{:.1f}"),
+    ("wall_s", "wall time (s)", "{:.0f}"),
+]
+SUMMARY_KEYS = ("loss", "perplexity", "exact_match", "json_valid", "schema_match", "metric",
+                "reward_accuracy", "reward_margin")
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if fmt == "pct":
+        return f"{100 * value:.1f}%"
+    return fmt.format(value)
+
+
+def rows(result: dict) -> list[tuple[str, str, str]]:
+    base, tuned = result.get("base", {}), result.get("tuned", {})
+    out = []
+    for key, label, fmt in ROWS:
+        if key in base or key in tuned:
+            if key == "metric" and result.get("metric_name"):
+                label = f"metric ({result['metric_name'].rpartition(':')[2]})"
+            out.append((label, _fmt(base.get(key), fmt), _fmt(tuned.get(key), fmt)))
+    return out
+
+
+def headline(result: dict) -> str:
+    parts = [f"{result['split']} split: {result['split_examples']} examples"]
+    if result.get("generated_examples"):
+        parts.append(f"greedy generation for {result['generated_examples']}, at most "
+                     f"{result['max_new_tokens']} new tokens")
+    parts.append(f"adapter {Path(result['adapter']).name}/")
+    return "; ".join(parts)
+
+
+def table(result: dict) -> str:
+    body = rows(result)
+    width = max([len(r[0]) for r in body] + [6])
+    lines = [headline(result), f"{'':<{width}}  {'base':>10}  {'tuned':>10}"]
+    lines += [f"{label:<{width}}  {b:>10}  {t:>10}" for label, b, t in body]
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Evaluation: {Path(result['run_dir']).name}", "", headline(result) + ".", "",
+             "| | base | tuned |", "|---|---|---|"]
+    lines += [f"| {label} | {b} | {t} |" for label, b, t in rows(result)]
+    lines += ["", "Base: the same model with the adapter switched off. Exact match compares "
+              "after stripping leading and trailing whitespace."]
+    for i, ex in enumerate(result.get("examples", []), start=1):
+        lines += ["", f"## Example {i} ({ex['source']})", "", "Prompt:", "", _block(ex["prompt"])]
+        for key in ("reference", "base", "tuned"):
+            if key in ex:
+                lines += [f"{key.capitalize()}:", "", _block(ex[key])]
+    return "\n".join(lines) + "\n"
+
+
+def _block(text: str) -> str:
+    fence = "````" if "```" in text else "```"
+    return f"{fence}\n{text}\n{fence}\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(value):
+    # JSON has no inf / NaN (a perplexity can overflow): write them as strings.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(_clean(result), indent=2, ensure_ascii=False)
+
+
+def write(run_dir: Path, result: dict) -> None:
+    run_dir = Path(run_dir)
+    _atomic_write(run_dir / EVAL_JSON, to_json(result) + "\n")
+    _atomic_write(run_dir / EVAL_MD, markdown(result))
+    events = EventWriter(run_dir)
+    try:
+        events.emit("eval", split=result["split"], adapter=result["adapter"],
+                    **{side: {k: v for k, v in result[side].items() if k in SUMMARY_KEYS}
+                       for side in ("base", "tuned")})
+    finally:
+        events.close()

@@ -25,8 +25,11 @@ def dense_weight(module):
     from mlxtune.quant import QuantEmbedding, QuantLinear, layouts
 
     if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        return mx.dequantize(module["weight"], module["scales"], module.get("biases"),
-                             module.group_size, module.bits, module.mode).astype(mx.float32)
+        # In float32: dequantizing with float16 scales would round the result to float16.
+        biases = module.get("biases")
+        return mx.dequantize(module["weight"], module["scales"].astype(mx.float32),
+                             None if biases is None else biases.astype(mx.float32),
+                             module.group_size, module.bits, module.mode)
     if isinstance(module, QuantLinear):
         return module.dense_weight(mx.float32)
     if isinstance(module, QuantEmbedding):

@@ -445,3 +445,116 @@ def test_failure_midway_leaves_the_old_output(llama_run, tmp_path, monkeypatch):
         export(run, "peft", out, force=True)
     assert (out / "adapter_config.json").read_text() == before
     assert leftovers(tmp_path) == []
+
+
+# -- llama.cpp as the client (slow: llama-cpp-python builds llama.cpp) ---------------------
+
+LONG_TEXT = (
+    "The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four "
+    "papers that changed physics: on the photoelectric effect, Brownian motion, special "
+    "relativity, and the equivalence of mass and energy. Meanwhile, in the kitchen, Sam "
+    "was trying to remember whether the domain renewal was due on Friday or on Monday; "
+    "the reminder said 'urgent', which, as everyone knows, means 'sometime next week'. "
+    "def add(x, y):\n    return x + y  # 3.14159, 2024-06-01 at 13:45\n" * 2)
+
+
+def llama_cpp_logits(model: Path, tokens: list[int], lora: Path | None = None):
+    """Logits at every position from llama.cpp, positions x vocab."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(model), lora_path=str(lora) if lora else None,
+                          logits_all=True, n_ctx=256, n_batch=256, n_threads=2,
+                          verbose=False)
+    llm.eval(tokens)
+    scores = np.array(llm._scores, dtype=np.float32)
+    llm.close()
+    return scores
+
+
+def check_against_llama_cpp(base: Path, run: Path, adapter: Path, tokens: list[int]):
+    """The adapter shifts llama.cpp's next-token logits as it shifts mlxtune's: correlation
+    of the shifts >= 0.99, slope within 5% of 1, over >= 100 positions. Returns (corr,
+    slope) for the record."""
+    assert len(tokens) >= 100
+    plain, adapted = mlxtune_logits(base, run / "adapters", tokens)
+    cpp_plain = llama_cpp_logits(base, tokens)
+    cpp_adapted = llama_cpp_logits(base, tokens, adapter)
+    # Same base model on both sides first (else the shifts mean nothing).
+    base_corr, _ = shift_agreement(plain, cpp_plain)
+    assert base_corr > 0.9999, base_corr
+    ours, theirs = adapted - plain, cpp_adapted - cpp_plain
+    assert ours.std() > 0.1 * plain.std()          # the adapter moves the logits
+    corr, slope = shift_agreement(ours, theirs)
+    print(f"\n{base.name}: {len(tokens)} positions, shift correlation {corr:.6f}, "
+          f"slope {slope:.5f}")
+    assert corr >= 0.99 and abs(slope - 1) <= 0.05, (corr, slope)
+    return corr, slope
+
+
+@pytest.fixture(scope="module")
+def smollm2_f32(tmp_path_factory):
+    """An F32 (dequantized) copy of the packaged SmolLM2 GGUF: llama.cpp's quantized dot
+    products would add noise that hides real errors."""
+    from mlxtune.export import gguf_fused
+    from mlxtune.models import packaged_path
+
+    path = tmp_path_factory.mktemp("smollm2") / "smollm2-f32.gguf"
+    gguf_fused.write_merged(packaged_path("smollm2-135m-instruct"), path, "f32")
+    return path
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_the_exported_adapter_to_smollm2(smollm2_f32, tmp_path, monkeypatch):
+    """SmolLM2 is llama family: llama.cpp holds its Q/K rows interleaved. Every linear
+    layer of all 30 blocks adapted. An export without the lora_b row permutation is
+    checked too, and must fail the same test (so the test can see that mistake)."""
+    from mlxtune import models
+    from mlxtune.config import ModelConfig
+    from mlxtune.export import gguf_adapter
+
+    run = make_run(tmp_path / "run", smollm2_f32, rank=8, alpha=16.0, b_scale=0.05)
+    adapter = export(run, "gguf", tmp_path / "adapter.gguf").path
+    tokens = models.load(ModelConfig(path=str(smollm2_f32))).tokenizer.encode(LONG_TEXT)[:128]
+    check_against_llama_cpp(smollm2_f32, run, adapter, tokens)
+
+    monkeypatch.setattr(gguf_adapter, "to_gguf_rows", lambda rows, key, base: rows)
+    unpermuted = export(run, "gguf", tmp_path / "unpermuted.gguf").path
+    with pytest.raises(AssertionError):
+        check_against_llama_cpp(smollm2_f32, run, unpermuted, tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_llama_cpp_applies_the_exported_adapter_to_a_tiny_model(model_type, tmp_path):
+    """A second architecture written to GGUF by the test (qwen2: no Q/K interleave, q/k/v
+    biases, untied output), and a tiny llama for good measure."""
+    from tiny_gguf import trained_tokenizer
+
+    tok = trained_tokenizer("qwen2" if model_type == "qwen2" else "llama3")
+    args = model_args(model_type, vocab_size=tok.get_vocab_size(), hidden_size=128,
+                      intermediate_size=256)
+    model = build_model(args, seed=3)
+    base = tmp_path / f"tiny-{model_type}.gguf"
+    write_gguf(base, model, args, tok, pre="qwen2" if model_type == "qwen2" else "llama-bpe")
+    run = make_run(tmp_path / "run", base, rank=8, alpha=16.0, b_scale=0.05)
+    adapter = export(run, "gguf", tmp_path / "adapter.gguf").path
+    tokens = tok.encode(LONG_TEXT).ids[:160]
+    check_against_llama_cpp(base, run, adapter, tokens)
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_fused_gguf_like_the_adapter(smollm2_f32, tmp_path):
+    """gguf-fused (f32) in llama.cpp gives the logits of base + adapter in llama.cpp."""
+    from mlxtune import models
+    from mlxtune.config import ModelConfig
+
+    run = make_run(tmp_path / "run", smollm2_f32, rank=8, alpha=16.0,
+                   targets=["q_proj", "k_proj", "down_proj"], b_scale=0.05)
+    adapter = export(run, "gguf", tmp_path / "adapter.gguf").path
+    fused = export(run, "gguf-fused", tmp_path / "fused.gguf", outtype="f32").path
+    tokens = models.load(ModelConfig(path=str(smollm2_f32))).tokenizer.encode(LONG_TEXT)[:100]
+    with_adapter = llama_cpp_logits(smollm2_f32, tokens, adapter)
+    merged = llama_cpp_logits(fused, tokens)
+    plain = llama_cpp_logits(smollm2_f32, tokens)
+    corr, slope = shift_agreement(with_adapter - plain, merged - plain)
+    assert corr > 0.9999 and abs(slope - 1) < 0.005, (corr, slope)
+    np.testing.assert_allclose(merged, with_adapter, atol=2e-3 * np.abs(plain).max())

@@ -460,7 +460,10 @@ LONG_TEXT = (
 
 def llama_cpp_logits(model: Path, tokens: list[int], lora: Path | None = None):
     """Logits at every position from llama.cpp, positions x vocab."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    if os.environ.get("CI"):        # CI installs it (.ci/run): never skip there
+        import llama_cpp
+    else:
+        llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(model), lora_path=str(lora) if lora else None,
                           logits_all=True, n_ctx=256, n_batch=256, n_threads=2,
                           verbose=False)
@@ -503,6 +506,7 @@ def smollm2_f32(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.llama_cpp
 def test_llama_cpp_applies_the_exported_adapter_to_smollm2(smollm2_f32, tmp_path, monkeypatch):
     """SmolLM2 is llama family: llama.cpp holds its Q/K rows interleaved. Every linear
     layer of all 30 blocks adapted. An export without the lora_b row permutation is
@@ -523,6 +527,7 @@ def test_llama_cpp_applies_the_exported_adapter_to_smollm2(smollm2_f32, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.llama_cpp
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
 def test_llama_cpp_applies_the_exported_adapter_to_a_tiny_model(model_type, tmp_path):
     """A second architecture written to GGUF by the test (qwen2: no Q/K interleave, q/k/v
@@ -542,6 +547,7 @@ def test_llama_cpp_applies_the_exported_adapter_to_a_tiny_model(model_type, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.llama_cpp
 def test_llama_cpp_runs_the_fused_gguf_like_the_adapter(smollm2_f32, tmp_path):
     """gguf-fused (f32) in llama.cpp gives the logits of base + adapter in llama.cpp."""
     from mlxtune import models

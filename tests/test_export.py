@@ -223,6 +223,18 @@ def test_mlx_fused_loads_in_mlx_lm_with_the_adapter_logits(llama_q8_run, tmp_pat
     assert tokenizer.chat_template == CHATML
 
 
+def test_mlx_fused_from_a_quantized_mlx_folder_base(tmp_path, tiny_quantized_model_dir):
+    from mlx_lm import load as mlx_lm_load
+
+    run = make_run(tmp_path / "run", tiny_quantized_model_dir)
+    out = export(run, "mlx-fused", tmp_path / "fused", outtype="f32").path
+    model, _ = mlx_lm_load(str(out))
+    fused = np.array(model(mx.array([TOKENS]))[0].astype(mx.float32))
+    plain, adapted = mlxtune_logits(tiny_quantized_model_dir, run / "adapters", TOKENS)
+    assert np.abs(adapted - plain).max() > 0.05
+    np.testing.assert_allclose(fused, adapted, atol=2e-4, rtol=1e-4)
+
+
 # -- PEFT ----------------------------------------------------------------------------------
 
 def test_peft_names_shapes_and_config(tmp_path):
@@ -371,6 +383,7 @@ def _broken_run(tmp_path, base, weights: dict | None = None, config: dict | None
     ("format", "unknown format 'onnx' (supported: gguf, peft, mlx-fused, gguf-fused, ollama)"),
     ("outtype", "'q4_k' is not a type for gguf-fused (supported: f16, q8_0, f32)"),
     ("shape", "adapts a 64x32 weight"),
+    ("rank", "rank 4, but the adapter's matrices have rank 2"),
 ])
 def test_bad_input_is_one_line_and_leaves_nothing(case, match, tmp_path, capsys):
     base, _, _ = tiny_gguf(tmp_path / "base.gguf")
@@ -398,6 +411,11 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, match, tmp_path, capsys)
         run, to = _broken_run(tmp_path, base), "onnx"
     elif case == "outtype":
         run, to, outtype = _broken_run(tmp_path, base), "gguf-fused", ["--outtype", "q4_k"]
+    elif case == "rank":
+        run = _broken_run(tmp_path, base, {"model.layers.0.self_attn.q_proj.lora_a":
+                                           mx.zeros((64, 2)),
+                                           "model.layers.0.self_attn.q_proj.lora_b":
+                                           mx.zeros((2, 64))})
     else:
         run = _broken_run(tmp_path, base, {"model.layers.0.self_attn.q_proj.lora_a":
                                            mx.zeros((32, 4)),

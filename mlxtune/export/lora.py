@@ -123,6 +123,11 @@ def read(run_dir: str | Path, which: str = "auto") -> Lora:
     base = describe_base(str(given), model_cfg.get("revision"))
     pairs = _pairs(path, base)
     rank = int(config["lora_parameters"]["rank"])
+    ranks = {a.shape[1] for a, _ in pairs.values()}
+    if ranks != {rank}:
+        # llama.cpp and PEFT take the rank from the tensors: they must agree with the scale
+        raise ExportError(f"{path / adapters.CONFIG_FILE}: rank {rank}, but the adapter's "
+                          f"matrices have rank {', '.join(map(str, sorted(ranks)))}")
     alpha = float(config.get("alpha", config["lora_parameters"]["scale"] * rank))
     if alpha == 0:
         # llama.cpp reads alpha 0 as "no alpha" and applies scale 1: refuse, it is a no-op

@@ -18,8 +18,6 @@ import numpy as np
 
 from mlxtune.export.lora import Lora, check_shapes, gguf_tensor_name, to_gguf_rows
 
-OUTTYPES = ("f32", "f16")
-
 
 def tensors(lora: Lora, dtype=np.float32) -> list[tuple[str, np.ndarray]]:
     """(name, array) in file order: per adapted weight, lora_a (r x in) then lora_b (out x r)."""

@@ -22,7 +22,6 @@ import numpy as np
 
 from mlxtune.export.lora import ExportError, Lora, check_shapes, gguf_tensor_name, to_gguf_rows
 
-OUTTYPES = ("f16", "q8_0", "f32")
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}   # gguf.LlamaFileType: ALL_F32, MOSTLY_F16/Q8_0
 # Reader bookkeeping, not metadata; the writer sets these itself.
 _SKIP_KEYS = ("GGUF.", "general.architecture", "general.file_type")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from mlxtune.export.lora import Lora
 
-OUTTYPES = ("f16", "bf16", "f32", "q8", "q4")
 GROUP_SIZE = 64
 
 

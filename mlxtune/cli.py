@@ -122,6 +122,19 @@ def export_command(run_dir, to, out, adapter, outtype, force):
     click.echo(str(result.path))
 
 
+@cli.command("tui")
+@click.argument("target", metavar="[CONFIG | RUN_DIR]", required=False,
+                type=click.Path(exists=True))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--runs", "runs_root", default="runs", show_default=True,
+              type=click.Path(file_okay=False), help="The runs folder (runs view, new runs).")
+def tui_command(target, overrides, runs_root):
+    """The terminal UI: plan a config, train with live curves, compare runs."""
+    from mlxtune.tui import main as tui_main
+
+    tui_main(target, runs_root, list(overrides))
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv

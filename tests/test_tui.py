@@ -1,0 +1,514 @@
+"""The TUI (mlxtune.tui) driven with Textual's run_test + Pilot, on tiny models.
+
+Training runs as a real `mlxtune run` child process here, as it does for a user.
+Snapshots (SVG) of the three views are compared with tests/snapshots/*.svg; after a
+deliberate change of the UI, rewrite them with MLXTUNE_UPDATE_SNAPSHOTS=1 and look at
+them before committing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiny import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+UPDATE_SNAPSHOTS = os.environ.get("MLXTUNE_UPDATE_SNAPSHOTS") == "1"
+
+
+def chat(i: int) -> dict:
+    colors = ["red", "green", "blue", "amber", "violet"]
+    return {"messages": [
+        {"role": "user", "content": f"color {i}?"},
+        {"role": "assistant", "content": f"the color is {colors[i % len(colors)]}"}]}
+
+
+@pytest.fixture
+def workdir(tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "train.jsonl", [chat(i) for i in range(24)])
+    write_jsonl(tmp_path / "valid.jsonl", [chat(i) for i in range(100, 108)])
+    return tmp_path
+
+
+def write_config(workdir: Path, model_dir: Path, name="tiny", **train) -> Path:
+    config = {
+        "name": name,
+        "model": {"path": str(model_dir)},
+        "adapter": {"rank": 4, "alpha": 8},
+        "data": {"train": "train.jsonl", "valid": "valid.jsonl", "max_seq_len": 64},
+        "train": {"iters": 12, "batch_size": 4, "learning_rate": 3e-3, "eval_every": 4,
+                  "save_every": 4, "log_every": 2, "seed": 3, **train},
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def make_app(target=None, runs_root=None, **kw):
+    from mlxtune.tui.app import MlxtuneApp
+
+    return MlxtuneApp(target, runs_root=runs_root or "runs", machine_gb=24.0,
+                      redraw_s=0.1, poll_s=0.05, **kw)
+
+
+async def wait_for(pilot, condition, timeout=90.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+def screen_text(app) -> str:
+    """The screen as plain text, line by line."""
+    return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
+
+
+def run_app(app, body, size=(80, 24)):
+    async def main():
+        async with app.run_test(size=size) as pilot:
+            await body(pilot)
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- history (no UI)
+
+
+def test_events_tail_holds_a_torn_line_and_skips_garbage(tmp_path):
+    from mlxtune.tui.history import EventsTail
+
+    path = tmp_path / "events.jsonl"
+    tail = EventsTail(tmp_path)
+    assert tail.read_new() == []  # no file yet
+    path.write_bytes(b'{"event": "start", "time": 1}\n{"event": "train", "st')
+    assert [e["event"] for e in tail.read_new()] == ["start"]
+    with open(path, "ab") as f:  # the rest of the line arrives
+        f.write(b'ep": 1, "loss": 2.0, "time": 2}\n{"event": "tra')
+    got = tail.read_new()
+    assert [(e["event"], e["step"]) for e in got] == [("train", 1)]
+    with open(path, "ab") as f:  # the writer was killed; a resumed one starts a new line
+        f.write(b'\n{"event": "start", "time": 3}\nnot json\n[1, 2]\n')
+    assert [e["event"] for e in tail.read_new()] == ["start"]
+    path.write_bytes(b'{"event": "start", "time": 9}\n')  # replaced by a shorter file
+    assert [e["time"] for e in tail.read_new()] == [9] and tail.restarted
+
+
+def test_run_history_resume_drops_steps_after_the_checkpoint():
+    from mlxtune.tui.history import RunHistory
+
+    h = RunHistory()
+    cfg = {"train": {"iters": 10}}
+    h.add([{"event": "start", "time": 100.0, "config": cfg, "planned_peak_gb": 2.5}]
+          + [{"event": "train", "time": 100.0 + s, "step": s, "loss": 3.0 / s, "lr": 1e-3,
+              "tokens_per_sec": 50.0, "peak_memory_gb": 1.0 + s / 10} for s in (1, 2, 3, 4, 5)]
+          + [{"event": "val", "time": 104.5, "step": 4, "loss": 0.9},
+             {"event": "checkpoint", "time": 104.6, "step": 4, "path": "/r/checkpoints/step-4"}])
+    assert h.status == "running" and h.step == 5 and h.total_steps == 10
+    assert h.seconds_per_step() == pytest.approx(1.0)
+    assert h.eta_seconds() == pytest.approx(5.0)
+    assert h.planned_peak_gb == 2.5 and h.peak_memory_gb == pytest.approx(1.5)
+    # Killed after step 5 (no stop event), resumed from step 4 at t=200.
+    h.add([{"event": "start", "time": 200.0, "config": cfg,
+            "resumed_from": "/r/checkpoints/step-4"},
+           {"event": "train", "time": 202.0, "step": 5, "loss": 0.5},
+           {"event": "stop", "time": 203.0, "step": 6, "reason": "interrupted"}])
+    assert [p["step"] for p in h.train] == [1, 2, 3, 4, 5]
+    assert h.train[-1]["loss"] == 0.5 and h.status == "interrupted" and h.step == 6
+    assert h.duration() == pytest.approx(4.6 + 3.0)  # the gap between sessions not counted
+    assert h.eta_seconds() is None  # not running
+    h.add([{"event": "train", "time": 204.0, "step": 7, "loss": "nan"}])  # skipped
+    assert len(h.train) == 5
+
+
+def test_smoothing_matches_a_debiased_ema():
+    from mlxtune.tui.history import smooth
+
+    values = [4.0, 2.0, 1.0, 3.0]
+    w = 0.6
+    expected, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = w * avg + (1 - w) * v
+        expected.append(avg / (1 - w ** i))
+    assert smooth(values, w) == pytest.approx(expected)
+    assert smooth(values, 0.0) == values
+    assert smooth([5.0, 5.0, 5.0], 0.9) == pytest.approx([5.0, 5.0, 5.0])
+
+
+def _dot_rows(chart) -> list[int]:
+    """For each column of a chart's plot area, the row of its first drawn cell."""
+    rows = chart.plain().splitlines()[:-1]
+    start = rows[0].index("┤") + 1
+    cols = []
+    for c in range(start, len(rows[0])):
+        hit = [r for r, line in enumerate(rows) if c < len(line) and line[c] not in " "]
+        cols.append(hit[0] if hit else None)
+    return cols
+
+
+def test_plot_draws_a_falling_curve_and_log_scale_labels():
+    from mlxtune.tui.curve import Series, plot
+
+    pts = [(s, 10.0 * 0.9 ** s) for s in range(1, 41)]
+    chart = plot([Series("train", pts)], width=50, height=10)
+    assert len(chart.rows) == 10 and all(len(r) <= 50 for r in chart.plain().splitlines())
+    rows = [r for r in _dot_rows(chart) if r is not None]
+    assert rows == sorted(rows) and rows[0] == 0 and rows[-1] == 8  # falls top to bottom
+    assert chart.plain().splitlines()[0].split("┤")[0].strip() == f"{10 * 0.9:.4g}"
+    # On a log axis an exponential decay is a straight line: equal drops per column.
+    log_chart = plot([Series("train", pts)], width=50, height=10, log_y=True)
+    labels = [ln.split("┤")[0].strip() for ln in log_chart.plain().splitlines() if "┤" in ln]
+    assert float(labels[1]) == pytest.approx(math.sqrt(9.0 * 10 * 0.9 ** 40), rel=1e-3)
+    # x_max leaves room on the right for the steps still to come.
+    half = plot([Series("train", pts)], width=50, height=10, x_max=80)
+    drawn = [c for c, r in enumerate(_dot_rows(half)) if r is not None]
+    assert max(drawn) < 0.55 * len(_dot_rows(half))
+    assert plot([], 40, 5).plain().startswith("no data yet")
+
+
+# ---------------------------------------------------------------------- the engine stays UI-free
+
+
+def test_engine_imports_without_textual():
+    code = ("import sys, mlxtune, mlxtune.cli, mlxtune.config, mlxtune.run, mlxtune.train.loop, "
+            "mlxtune.data, mlxtune.models, mlxtune.evaluate, mlxtune.export\n"
+            "try:\n    import mlxtune.memory\nexcept ImportError:\n    pass\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'mlxtune') "
+            "and (m.startswith('textual') or m.startswith('mlxtune.tui')))\n"
+            "print(bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_tui_command_is_listed_and_checks_its_argument(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mlxtune", "tui", str(tmp_path / "nope.yaml")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and "does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------- train view
+
+
+def test_start_shows_the_curve_growing_then_stop_leaves_a_checkpoint_and_resume(
+        workdir, tiny_model_dir):
+    from mlxtune.tui.curve import Curve
+    from mlxtune.tui.history import load_history
+    from mlxtune.tui.train_view import TrainScreen
+
+    config = write_config(workdir, tiny_model_dir, iters=100000, log_every=1, eval_every=20,
+                          save_every=0)
+    runs = workdir / "runs"
+    app = make_app(config, runs)
+
+    async def body(pilot):
+        await pilot.press("2")
+        screen = app.screen
+        assert isinstance(screen, TrainScreen)
+        await pilot.press("s")
+        await wait_for(pilot, lambda: len(screen.history.train) >= 3, what="train events")
+        curve = screen.query_one("#loss", Curve)
+        await wait_for(pilot, lambda: len(curve.series[0].points) >= 3, what="curve drawn")
+        first = len(curve.series[0].points)
+        await wait_for(pilot, lambda: len(curve.series[0].points) > first + 5,
+                       what="the curve to grow")
+        assert screen.status == "running"
+        assert app.child is not None and app.child.alive
+        assert screen.run_dir.parent == runs and screen.run_dir.name.startswith("tiny-")
+
+        await pilot.press("x")  # graceful stop: SIGINT, the trainer checkpoints
+        await wait_for(pilot, lambda: not app.child.alive, what="the child to exit")
+        assert app.child.popen.returncode == 130
+        await wait_for(pilot, lambda: screen.history.status == "interrupted", what="stop")
+        message = screen.query_one("#message").text
+        step = screen.history.step
+        assert f"stopped at step {step}; checkpoint step-{step} saved" in message
+        assert (screen.run_dir / "checkpoints" / f"step-{step}" / "state.json").exists()
+
+        await pilot.press("r")  # resume from that checkpoint, same run directory
+        await wait_for(pilot, lambda: len(screen.history.starts) == 2, what="resumed start")
+        assert screen.history.starts[1]["resumed_from"].endswith(f"step-{step}")
+        await wait_for(pilot, lambda: screen.history.train[-1]["step"] > step + 2,
+                       what="training after resume")
+        await pilot.press("x")
+        await wait_for(pilot, lambda: not app.child.alive, what="the second stop")
+        assert app.child.popen.returncode == 130
+
+    run_app(app, body)
+    h = load_history(next(runs.iterdir()))
+    steps = [p["step"] for p in h.train]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)  # resumed, not restarted
+
+
+def test_a_bad_config_shows_the_engines_one_line_error(workdir, tiny_model_dir):
+    config = write_config(workdir, tiny_model_dir, learning_rate="fast")
+    app = make_app(config, workdir / "runs")
+
+    async def body(pilot):
+        await pilot.press("2", "s")
+        message = app.screen.query_one("#message")
+        await wait_for(pilot, lambda: "error" in message.text, timeout=30)
+        assert message.text == (f"mlxtune: error: {config}: train.learning_rate: expected "
+                                "number, got 'fast'")
+        assert message.has_class("error")
+
+    run_app(app, body)
+    assert not (workdir / "runs").exists()
+
+
+def test_bad_data_fails_in_the_child_and_its_last_line_is_shown(workdir, tiny_model_dir):
+    (workdir / "train.jsonl").write_text('{"messages": []}\n')
+    config = write_config(workdir, tiny_model_dir)
+    app = make_app(config, workdir / "runs")
+
+    async def body(pilot):
+        await pilot.press("2", "s")
+        message = app.screen.query_one("#message")
+        await wait_for(pilot, lambda: message.has_class("error"), what="the child's error")
+        assert message.text.startswith(f"mlxtune: error: {workdir / 'train.jsonl'}:1")
+        assert app.child.popen.returncode == 2
+
+    run_app(app, body)
+
+
+def test_attach_to_a_finished_run_directory(workdir, tiny_model_dir):
+    config = write_config(workdir, tiny_model_dir)
+    run_dir = workdir / "runs" / "done"
+    out = subprocess.run([sys.executable, "-m", "mlxtune", "run", str(config), "--run-dir",
+                          str(run_dir), "-q"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    # A torn last line, as a writer killed mid-write leaves it.
+    with open(run_dir / "events.jsonl", "a") as f:
+        f.write('{"event": "train", "step": 13, "lo')
+    app = make_app(run_dir, workdir / "runs")
+
+    async def body(pilot):
+        from mlxtune.tui.train_view import TrainScreen
+
+        screen = app.screen
+        assert isinstance(screen, TrainScreen)
+        await wait_for(pilot, lambda: screen.history.status == "done", what="events read")
+        h = screen.history
+        assert [p["step"] for p in h.train] == [2, 4, 6, 8, 10, 12]
+        assert [s for s, _ in h.val] == [0, 4, 8, 12]
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        assert "step 12/12" in text and "done" in text
+        await pilot.press("r")
+        assert "nothing to resume" in screen.query_one("#message").text
+
+    run_app(app, body)
+
+
+# ---------------------------------------------------------------------- runs view
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_model_dir):
+    """Two finished tiny runs (different learning rates); the first one evaluated."""
+    work = tmp_path_factory.mktemp("two-runs")
+    write_jsonl(work / "train.jsonl", [chat(i) for i in range(24)])
+    write_jsonl(work / "valid.jsonl", [chat(i) for i in range(100, 108)])
+    runs = work / "runs"
+    dirs = []
+    for name, lr in (("slow", 1e-4), ("fast", 3e-3)):
+        config = write_config(work, tiny_model_dir, name=name, learning_rate=lr)
+        run_dir = runs / name
+        out = subprocess.run([sys.executable, "-m", "mlxtune", "run", str(config),
+                              "--run-dir", str(run_dir), "-q"],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        dirs.append(run_dir)
+    out = subprocess.run([sys.executable, "-m", "mlxtune", "eval", str(dirs[1]), "--split",
+                          "valid", "--limit", "2", "--max-new-tokens", "4", "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return runs, dirs
+
+
+def _row_index(screen, name):
+    return [r.name for r in screen.rows].index(name)
+
+
+def test_runs_view_lists_runs_compares_two_and_shows_eval(two_runs):
+    from mlxtune.tui.curve import Curve
+    from mlxtune.tui.history import load_history
+    from mlxtune.tui.runs_view import RunsScreen
+
+    runs, (slow, fast) = two_runs
+    app = make_app(None, runs)
+
+    async def body(pilot):
+        screen = app.screen
+        assert isinstance(screen, RunsScreen)
+        await wait_for(pilot, lambda: len(screen.rows) == 2, what="the runs")
+        await pilot.pause(0.2)
+        text = screen_text(app)
+        for run_dir in (slow, fast):
+            h = load_history(run_dir)
+            line = next(ln for ln in text.splitlines() if run_dir.name in ln)
+            assert "done" in line and "12/12" in line and f"{h.best_val:.4f}" in line
+
+        table = screen.query_one("#table")
+        table.move_cursor(row=_row_index(screen, "slow"))
+        await pilot.press("space")
+        table.move_cursor(row=_row_index(screen, "fast"))
+        await pilot.press("c")
+        curve = screen.query_one("#overlay", Curve)
+        labels = [s.label for s in curve.series]
+        assert labels == ["A train", "A val", "B train", "B val"]
+        assert curve.series[0].points == [(p["step"], p["loss"])
+                                          for p in load_history(slow).train]
+        assert curve.series[3].points == list(load_history(fast).val)
+        await pilot.pause(0.2)
+        assert "A slow  vs  B fast" in screen_text(app)
+        await pilot.press("c")  # back to the selected run alone
+        assert [s.label for s in curve.series] == ["train", "val"]
+
+        result = json.loads((fast / "eval.json").read_text())
+        line = screen.query_one("#eval-line").render()
+        assert f"loss {result['base']['loss']:.4g}→{result['tuned']['loss']:.4g}" in str(line)
+        await pilot.press("v")
+        await pilot.pause(0.2)
+        text = screen_text(app)
+        assert "eval.json of fast" in text
+        loss_line = next(ln for ln in text.splitlines() if " loss " in f" {ln} ")
+        assert f"{result['base']['loss']:.4g}" in loss_line
+        assert f"{result['tuned']['loss']:.4g}" in loss_line
+        await pilot.press("escape")
+
+        table.move_cursor(row=_row_index(screen, "slow"))
+        await pilot.press("v")
+        assert "has no eval.json" in screen.query_one("#message").text
+
+        await pilot.press("enter")  # open: the train view, attached to it
+        from mlxtune.tui.train_view import TrainScreen
+        assert isinstance(app.screen, TrainScreen)
+        await wait_for(pilot, lambda: app.screen.history.status == "done", what="attach")
+        assert app.screen.run_dir == slow
+
+    run_app(app, body)
+
+
+def test_runs_view_exports_with_the_exporter(two_runs):
+    runs, (_, fast) = two_runs
+    app = make_app(None, runs)
+
+    async def body(pilot):
+        screen = app.screen
+        await wait_for(pilot, lambda: len(screen.rows) == 2, what="the runs")
+        screen.query_one("#table").move_cursor(row=_row_index(screen, "fast"))
+        await pilot.press("e")
+        await pilot.pause(0.2)
+        await pilot.press("down", "enter")  # the second format: peft
+        message = screen.query_one("#message")
+        await wait_for(pilot, lambda: message.text.startswith("exported"), timeout=120,
+                       what="the export")
+        path = Path(message.text.split(": ", 1)[1])
+        assert path.is_dir() and (path / "adapter_config.json").exists()
+        assert path.is_relative_to(fast)
+
+    run_app(app, body)
+
+
+# ---------------------------------------------------------------------- plan view
+
+
+def _knob_row(screen, key):
+    return [k.key for k in screen.knobs].index(key)
+
+
+def test_plan_view_knobs_edit_the_config_and_bad_values_show_the_config_error(
+        workdir, tiny_model_dir):
+    from mlxtune import config as config_module
+    from mlxtune.tui.plan_view import PlanScreen
+
+    config = write_config(workdir, tiny_model_dir)
+    app = make_app(config, workdir / "runs")
+
+    async def body(pilot):
+        screen = app.screen
+        assert isinstance(screen, PlanScreen)
+        await wait_for(pilot, lambda: screen.values, what="the config's values")
+        assert screen.values["adapter.rank"] == 4 and screen.values["train.batch_size"] == 4
+        table = screen.query_one("#knobs")
+        table.move_cursor(row=_knob_row(screen, "adapter.rank"))
+        await pilot.press("right")  # 4 -> 8 on the ladder
+        await wait_for(pilot, lambda: screen.values["adapter.rank"] == 8)
+        assert app.overrides == {"adapter.rank": "8"}
+        table.move_cursor(row=_knob_row(screen, "model.quantize"))
+        await pilot.press("right", "right")  # as stored -> affine 4-bit -> affine 8-bit
+        await wait_for(pilot, lambda: screen.values["model.quantize"] == "affine 8-bit")
+        cfg = config_module.load(config, app.override_items)
+        assert (cfg.adapter.rank, cfg.model.quantize.format, cfg.model.quantize.bits) == (
+            8, "affine", 8)
+        table.move_cursor(row=_knob_row(screen, "train.grad_checkpoint"))
+        await pilot.press("right")
+        await wait_for(pilot, lambda: screen.values["train.grad_checkpoint"] is True)
+        await pilot.pause(0.2)
+        assert "on *" in screen_text(app)  # an edited knob is marked
+
+        table.move_cursor(row=_knob_row(screen, "train.batch_size"))
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        await pilot.press("ctrl+a", "ctrl+k", *"lots", "enter")
+        message = screen.query_one("#message")
+        await wait_for(pilot, lambda: message.has_class("error"), what="the config error")
+        assert message.text == (f"mlxtune: error: {config}: train.batch_size: expected "
+                                "integer, got 'lots'")
+        await pilot.press("s")  # a config that does not load does not start
+        assert app.child is None
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        await pilot.press("ctrl+a", "ctrl+k", *"2", "enter")
+        await wait_for(pilot, lambda: screen.values["train.batch_size"] == 2
+                       and not message.has_class("error"))
+
+        await pilot.press("w")  # save as, next to the original
+        await pilot.pause(0.2)
+        await pilot.press("ctrl+a", "ctrl+k", *str(workdir / "edited.yaml"), "enter")
+        await wait_for(pilot, lambda: message.text.startswith("saved"), what="the save")
+        assert app.config_path == workdir / "edited.yaml" and app.overrides == {}
+
+    run_app(app, body)
+    saved = config_module.load(workdir / "edited.yaml")
+    assert (saved.adapter.rank, saved.model.quantize.bits, saved.train.grad_checkpoint,
+            saved.train.batch_size) == (8, 8, True, 2)
+    assert yaml.safe_load((workdir / "edited.yaml").read_text())["data"]["train"] == \
+        "train.jsonl"  # relative paths stay relative
+
+
+def test_plan_view_starts_training_with_the_edited_knobs(workdir, tiny_model_dir):
+    from mlxtune.tui.history import load_history
+    from mlxtune.tui.train_view import TrainScreen
+
+    config = write_config(workdir, tiny_model_dir)
+    app = make_app(config, workdir / "runs", overrides={"train.iters": "6"})
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: app.screen.values, what="the config's values")
+        app.screen.query_one("#knobs").move_cursor(row=_knob_row(app.screen, "adapter.rank"))
+        await pilot.press("left")  # 4 -> 2
+        await wait_for(pilot, lambda: app.screen.values["adapter.rank"] == 2)
+        await pilot.press("s")
+        assert isinstance(app.screen, TrainScreen)
+        await wait_for(pilot, lambda: app.child is not None and not app.child.alive,
+                       what="the run to finish")
+        assert app.child.popen.returncode == 0
+
+    run_app(app, body)
+    h = load_history(next((workdir / "runs").iterdir()))
+    assert h.status == "done" and h.step == 6
+    assert h.config["adapter"]["rank"] == 2

@@ -205,7 +205,7 @@ def test_tui_command_is_listed_and_checks_its_argument(tmp_path):
 def test_start_shows_the_curve_growing_then_stop_leaves_a_checkpoint_and_resume(
         workdir, tiny_model_dir):
     from mlxtune.tui.curve import Curve
-    from mlxtune.tui.history import load_history
+    from mlxtune.tui.history import list_runs, load_history
     from mlxtune.tui.train_view import TrainScreen
 
     config = write_config(workdir, tiny_model_dir, iters=100000, log_every=1, eval_every=20,
@@ -247,7 +247,9 @@ def test_start_shows_the_curve_growing_then_stop_leaves_a_checkpoint_and_resume(
         assert app.child.popen.returncode == 130
 
     run_app(app, body)
-    h = load_history(next(runs.iterdir()))
+    (run_dir,) = list_runs(runs)
+    h = load_history(run_dir)
+    assert "interrupted" in (runs / ".logs" / f"{run_dir.name}.log").read_text()  # the log
     steps = [p["step"] for p in h.train]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)  # resumed, not restarted
 
@@ -491,7 +493,7 @@ def test_plan_view_knobs_edit_the_config_and_bad_values_show_the_config_error(
 
 
 def test_plan_view_starts_training_with_the_edited_knobs(workdir, tiny_model_dir):
-    from mlxtune.tui.history import load_history
+    from mlxtune.tui.history import list_runs, load_history
     from mlxtune.tui.train_view import TrainScreen
 
     config = write_config(workdir, tiny_model_dir)
@@ -509,6 +511,107 @@ def test_plan_view_starts_training_with_the_edited_knobs(workdir, tiny_model_dir
         assert app.child.popen.returncode == 0
 
     run_app(app, body)
-    h = load_history(next((workdir / "runs").iterdir()))
+    (run_dir,) = list_runs(workdir / "runs")
+    h = load_history(run_dir)
     assert h.status == "done" and h.step == 6
     assert h.config["adapter"]["rank"] == 2
+
+
+# ---------------------------------------------------------------------- snapshots (SVG)
+
+T0 = 1_750_000_000.0  # fixed event times: the screens must not depend on the clock
+
+
+def fake_run(run_dir: Path, iters: int, stop_at: int, reason: str, lr: float,
+             eval_result: dict | None = None, planned: float | None = 2.8) -> Path:
+    """A run directory whose events follow DESIGN.md section 3, with fixed numbers."""
+    run_dir.mkdir(parents=True)
+    cfg = {"name": "quickstart", "model": {"path": "smollm2-135m-instruct"},
+           "train": {"iters": iters, "learning_rate": lr}}
+    events = [{"event": "start", "time": T0, "config": cfg, "trainable_params": 2442240,
+               "total_params": 136957248, "backend": "cpu", "planned_peak_gb": planned}]
+    for step in range(0, stop_at + 1):
+        t = T0 + 5 + 4.5 * step
+        if step and step % 5 == 0:
+            loss = 0.1 + 1.1 * math.exp(-step / (12 if lr > 2e-4 else 25)) \
+                + 0.03 * math.sin(step)
+            events.append({"event": "train", "time": t, "step": step, "loss": loss,
+                           "lr": lr * (0.5 + 0.5 * math.cos(math.pi * step / iters)),
+                           "tokens": 166 * step, "tokens_per_sec": 36 + 3 * math.sin(step / 7),
+                           "peak_memory_gb": 2.2 + 0.4 * (1 - math.exp(-step / 10))})
+        if step % 20 == 0:
+            val = 0.11 + 1.35 * math.exp(-step / (14 if lr > 2e-4 else 30))
+            events.append({"event": "val", "time": t + 1, "step": step, "loss": val})
+        if step and step % 40 == 0 or step == stop_at:
+            events.append({"event": "checkpoint", "time": t + 2, "step": step,
+                           "path": str(run_dir / "checkpoints" / f"step-{step}")})
+    events.append({"event": "stop", "time": T0 + 10 + 4.5 * stop_at, "step": stop_at,
+                   "reason": reason, "message": ""})
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if eval_result:
+        (run_dir / "eval.json").write_text(json.dumps(eval_result))
+    return run_dir
+
+
+def fake_runs(root: Path) -> Path:
+    runs = root / "runs"
+    fake_run(runs / "quickstart-lr3e-4", 80, 80, "done", 3e-4, eval_result={
+        "split": "test", "split_examples": 192, "adapter": str(runs / "quickstart-lr3e-4/best"),
+        "base": {"loss": 1.4392, "perplexity": 4.217, "json_valid": 0.0, "exact_match": 0.0},
+        "tuned": {"loss": 0.1068, "perplexity": 1.113, "json_valid": 1.0,
+                  "exact_match": 0.75}})
+    fake_run(runs / "quickstart-lr1e-4", 80, 40, "interrupted", 1e-4)
+    for i, name in enumerate(("quickstart-lr1e-4", "quickstart-lr3e-4")):
+        os.utime(runs / name / "events.jsonl", (T0 + i, T0 + i))  # newest first: lr3e-4
+    return runs
+
+
+def check_snapshot(app, name: str) -> None:
+    """The screen as SVG equals tests/snapshots/NAME.svg (MLXTUNE_UPDATE_SNAPSHOTS=1
+    rewrites it; look at the new file before committing it)."""
+    svg = app.export_screenshot(title=name)
+    path = SNAPSHOTS / f"{name}.svg"
+    if UPDATE_SNAPSHOTS:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(svg, encoding="utf-8")
+        return
+    assert path.exists(), f"{path} is missing: run with MLXTUNE_UPDATE_SNAPSHOTS=1"
+    if path.read_text(encoding="utf-8") != svg:
+        actual = Path(os.environ.get("TMPDIR", "/tmp")) / f"{name}.actual.svg"
+        actual.write_text(svg, encoding="utf-8")
+        raise AssertionError(f"the {name} view changed: compare {actual} with {path}; if "
+                             "the change is meant, rerun with MLXTUNE_UPDATE_SNAPSHOTS=1")
+
+
+def test_snapshot_train_view(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths on screen
+    runs = fake_runs(tmp_path)
+    app = make_app(Path("runs/quickstart-lr3e-4"), Path("runs"))
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: app.screen.history.status == "done", what="events")
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        assert "step 80/80" in text and "best val 0.1145" in text and "2.60 GB" in text, text
+        check_snapshot(app, "train_view")
+
+    assert runs.is_dir()
+    run_app(app, body)
+
+
+def test_snapshot_runs_view_comparing_two_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_runs(tmp_path)
+    app = make_app(None, Path("runs"))
+
+    async def body(pilot):
+        screen = app.screen
+        await wait_for(pilot, lambda: len(screen.rows) == 2, what="the runs")
+        assert [r.name for r in screen.rows] == ["quickstart-lr3e-4", "quickstart-lr1e-4"]
+        await pilot.press("space", "down", "c")
+        await pilot.pause(0.3)
+        assert "A quickstart-lr3e-4  vs  B quickstart-lr1e-4" in screen_text(app)
+        check_snapshot(app, "runs_view")
+
+    run_app(app, body)

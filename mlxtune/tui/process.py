@@ -3,8 +3,8 @@
 A run is `mlxtune run ...` in its own process (and process group), never a thread of the
 UI: a crash or an out-of-memory kill in training cannot take the UI down, and the UI can
 quit while the run goes on. Its standard input is /dev/null; its output goes to a log
-file (not a pipe, which would break the child's writes once the UI is gone), whose last
-line is the engine's one-line message when it fails. Stop is SIGINT: the trainer saves a
+file, RUNS/.logs/NAME.log (not a pipe, which would break the child's writes once the UI is
+gone), whose last line is the engine's one-line message when it fails. Stop is SIGINT: the trainer saves a
 checkpoint and exits 130.
 
 Every call here may block on the file system or on process creation: the TUI calls
@@ -109,9 +109,18 @@ class ChildProcess:
             return ""
 
 
+def training_log(run_dir: Path) -> Path:
+    """Where a run's output goes: beside the run directory (which `mlxtune run` wants
+    empty or absent at the start), in the runs folder's .logs/."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / ".logs" / f"{run_dir.name}.log"
+
+
 def start_training(config_path: Path, run_dir: Path, overrides: list[str] = (),
                    resume: bool = False) -> ChildProcess:
-    return ChildProcess(run_command(config_path, run_dir, list(overrides), resume))
+    log = training_log(run_dir)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return ChildProcess(run_command(config_path, run_dir, list(overrides), resume), log)
 
 
 def export_run(run_dir: Path, fmt: str) -> tuple[int, str]:

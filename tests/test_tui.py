@@ -254,6 +254,27 @@ def test_start_shows_the_curve_growing_then_stop_leaves_a_checkpoint_and_resume(
     assert steps == sorted(steps) and len(set(steps)) == len(steps)  # resumed, not restarted
 
 
+def test_quit_while_training_asks_and_can_stop_the_run(workdir, tiny_model_dir):
+    from mlxtune.tui.common import QuitDialog
+
+    config = write_config(workdir, tiny_model_dir, iters=100000, log_every=1, eval_every=0,
+                          save_every=0)
+    app = make_app(config, workdir / "runs")
+
+    async def body(pilot):
+        await pilot.press("2", "s")
+        await wait_for(pilot, lambda: len(app.screen.history.train) >= 2, what="training")
+        await pilot.press("q")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, QuitDialog)
+        await pilot.click("#stop")
+        await wait_for(pilot, lambda: not app.is_running, what="the app to quit")
+
+    run_app(app, body)
+    assert app.child.wait(timeout=60) == 130
+    assert list((app.child_run_dir / "checkpoints").glob("step-*"))
+
+
 def test_a_bad_config_shows_the_engines_one_line_error(workdir, tiny_model_dir):
     config = write_config(workdir, tiny_model_dir, learning_rate="fast")
     app = make_app(config, workdir / "runs")
@@ -310,6 +331,13 @@ def test_attach_to_a_finished_run_directory(workdir, tiny_model_dir):
         assert "step 12/12" in text and "done" in text
         await pilot.press("r")
         assert "nothing to resume" in screen.query_one("#message").text
+        curve = screen.query_one("#loss")
+        assert (curve.log_y, curve.smoothing) == (False, 0.6)
+        await pilot.press("l", "m")
+        assert (curve.log_y, curve.smoothing) == (True, 0.9)
+        assert "smoothing 0.9 · log" in str(curve.border_title)
+        await pilot.press("x")
+        assert "no run of this TUI" in screen.query_one("#message").text
 
     run_app(app, body)
 

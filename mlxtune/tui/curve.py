@@ -28,7 +28,7 @@ class Series:
     points: list[tuple[float, float]]
     color: str = TRAIN_COLOR
     smoothable: bool = True   # training loss is smoothed; validation points are not
-    markers: bool = False     # mark each point (validation: few points, each one counts)
+    markers: bool = False     # a marker per point, no lines (validation: few points)
 
 
 @dataclass
@@ -116,22 +116,20 @@ def plot(series: list[Series], width: int, height: int, log_y: bool = False,
             cells[r][c] |= _DOTS[cy % 4][cx % 2]
             color[r][c] = style
 
-    # Lines of marker series first, so other lines win shared cells; markers on top.
-    order = sorted(zip(series, data), key=lambda sd: not sd[0].markers)
     marks: dict[tuple[int, int], str] = {}
-    for s, pts in order:
+    for s, pts in zip(series, data):
         prev = None
         for x, y in pts:
             cur = to_px(x, y)
-            if prev is None:
+            if s.markers:  # a few points that each count (validation): no lines between
+                marks[(cur[1] // 4, cur[0] // 2)] = s.color
+            elif prev is None:
                 dot(*cur, s.color)
             else:  # a straight line of dots from the previous point
                 (ax, ay), (bx, by) = prev, cur
                 n = max(abs(bx - ax), abs(by - ay), 1)
                 for i in range(n + 1):
                     dot(round(ax + (bx - ax) * i / n), round(ay + (by - ay) * i / n), s.color)
-            if s.markers:
-                marks[(cur[1] // 4, cur[0] // 2)] = s.color
             prev = cur
 
     label_rows = {0: labels[0], (plot_h - 1) // 2: labels[1], plot_h - 1: labels[2]}

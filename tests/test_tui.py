@@ -275,6 +275,49 @@ def test_quit_while_training_asks_and_can_stop_the_run(workdir, tiny_model_dir):
     assert list((app.child_run_dir / "checkpoints").glob("step-*"))
 
 
+def test_curve_redraws_at_a_bounded_rate_however_fast_events_arrive(tmp_path, monkeypatch):
+    import threading
+
+    from mlxtune.tui.curve import Curve
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "fast"
+    run_dir.mkdir(parents=True)
+    (run_dir / "events.jsonl").write_text(json.dumps(
+        {"event": "start", "time": T0, "config": {"train": {"iters": 4000}}}) + "\n")
+    renders = []
+    original = Curve.render
+    monkeypatch.setattr(Curve, "render", lambda self: renders.append(1) or original(self))
+    app = make_app(run_dir, tmp_path / "runs")
+    app.redraw_s = 0.25
+
+    def writer():  # 4000 train events in 40 bursts over about 2 s
+        with open(run_dir / "events.jsonl", "a") as f:
+            for burst in range(40):
+                for i in range(100):
+                    step = burst * 100 + i + 1
+                    f.write(json.dumps({"event": "train", "time": T0 + step, "step": step,
+                                        "loss": 3.0 / step ** 0.5}) + "\n")
+                f.flush()
+                time.sleep(0.05)
+
+    async def body(pilot):
+        screen = app.screen
+        await pilot.pause(0.5)
+        before, start = len(renders), time.monotonic()
+        thread = threading.Thread(target=writer)
+        thread.start()
+        await wait_for(pilot, lambda: len(screen.history.train) == 4000, what="all events")
+        await pilot.pause(0.6)
+        elapsed = time.monotonic() - start
+        thread.join()
+        curve = screen.query_one("#loss", Curve)
+        assert len(curve.series[0].points) == 4000
+        assert len(renders) - before <= elapsed / 0.25 + 3, (len(renders) - before, elapsed)
+
+    run_app(app, body)
+
+
 def test_a_bad_config_shows_the_engines_one_line_error(workdir, tiny_model_dir):
     config = write_config(workdir, tiny_model_dir, learning_rate="fast")
     app = make_app(config, workdir / "runs")
@@ -520,9 +563,32 @@ def test_plan_view_knobs_edit_the_config_and_bad_values_show_the_config_error(
         "train.jsonl"  # relative paths stay relative
 
 
-def test_plan_view_starts_training_with_the_edited_knobs(workdir, tiny_model_dir):
+def test_plan_view_starts_training_with_the_edited_knobs(workdir, tiny_model_dir,
+                                                        monkeypatch):
+    import threading
+
+    from mlxtune import config as config_module
+    from mlxtune.tui import history, plan_view, process, runs_view
     from mlxtune.tui.history import list_runs, load_history
     from mlxtune.tui.train_view import TrainScreen
+
+    # Every file or process call of the TUI is recorded with the thread it ran on.
+    calls = []
+
+    def record(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls.append((name, threading.current_thread() is threading.main_thread()))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, wrapper)
+
+    record(config_module, "load")
+    record(plan_view, "plan_config")
+    record(history.EventsTail, "read_new")
+    record(process.subprocess, "Popen")
+    record(process.ChildProcess, "poll")
+    record(runs_view, "list_runs")
 
     config = write_config(workdir, tiny_model_dir)
     app = make_app(config, workdir / "runs", overrides={"train.iters": "6"})
@@ -538,11 +604,18 @@ def test_plan_view_starts_training_with_the_edited_knobs(workdir, tiny_model_dir
                        what="the run to finish")
         assert app.child.popen.returncode == 0
 
+        await pilot.press("3")  # the runs view lists it
+        await wait_for(pilot, lambda: len(app.screen.rows) == 1, what="the runs view")
+
     run_app(app, body)
+    app_calls = list(calls)  # what the app did (the checks below read files too)
     (run_dir,) = list_runs(workdir / "runs")
     h = load_history(run_dir)
     assert h.status == "done" and h.step == 6
     assert h.config["adapter"]["rank"] == 2
+    names = {name for name, _ in app_calls}
+    assert {"load", "plan_config", "read_new", "Popen", "poll", "list_runs"} <= names
+    assert [name for name, on_ui_thread in app_calls if on_ui_thread] == []
 
 
 # ---------------------------------------------------------------------- snapshots (SVG)

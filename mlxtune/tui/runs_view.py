@@ -65,7 +65,9 @@ def eval_rows(result: dict) -> list[tuple[str, str, str]]:
                 return "-"
             if isinstance(v, float) and not math.isfinite(v):
                 return str(v)
-            return f"{100 * v:.1f}%" if key in PERCENT_KEYS else f"{v:.4g}"
+            if key in PERCENT_KEYS:
+                return f"{100 * v:.1f}%"
+            return str(v) if isinstance(v, int) else f"{v:.4g}"
 
         rows.append((key.replace("_", " "), fmt(b), fmt(t)))
     return rows

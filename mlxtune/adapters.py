@@ -9,6 +9,7 @@ order because every model source is converted to it on load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -27,7 +28,12 @@ CONFIG_FILE = "adapter_config.json"
 
 class LoRALinear(nn.Module):
     """y = linear(x) + scale * dropout(x) @ A @ B. Same parameter names and math as
-    mlx-lm's LoRALinear; `enabled` switches the adapter off (a reference pass)."""
+    mlx-lm's LoRALinear; `enabled` switches the adapter off (a reference pass).
+
+    For preference tuning from an existing adapter, the layer can also hold a frozen copy
+    of that adapter (`ref_lora_a`, `ref_lora_b`, see `freeze_reference`): with
+    `use_reference` set, the layer computes base + that copy instead of base + the
+    trainable adapter. Two small adapters share one base; no second model is loaded."""
 
     def __init__(self, linear: nn.Module, rank: int, scale: float, dropout: float = 0.0):
         super().__init__()
@@ -36,6 +42,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.scale = scale
         self.enabled = True
+        self.use_reference = False
         bound = 1 / math.sqrt(in_dims)
         self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank)).astype(dtype)
         self.lora_b = mx.zeros((rank, out_dims), dtype=dtype)
@@ -43,12 +50,18 @@ class LoRALinear(nn.Module):
     def __call__(self, x):
         if not self.enabled:
             return self.linear(x)
+        if self.use_reference:
+            if "ref_lora_a" not in self:  # no frozen copy: the reference is the base
+                return self.linear(x)
+            # The reference is deterministic: no dropout.
+            return self._with(x, x @ self.ref_lora_a, self.ref_lora_b)
+        return self._with(x, self.dropout(x) @ self.lora_a, self.lora_b)
+
+    def _with(self, x, xa, b):
         if hasattr(self.linear, "with_lora"):  # our formats: LoRA fused into the kernel
-            return self.linear.with_lora(x, self.dropout(x) @ self.lora_a, self.lora_b,
-                                         self.scale)
+            return self.linear.with_lora(x, xa, b, self.scale)
         y = self.linear(x)
-        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
-        return y + (self.scale * z).astype(x.dtype)
+        return y + (self.scale * (xa @ b)).astype(x.dtype)
 
 
 def _linear_keys(block: nn.Module) -> list[str]:
@@ -104,6 +117,36 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 def set_enabled(model: nn.Module, enabled: bool) -> None:
     for _, m in lora_layers(model):
         m.enabled = enabled
+
+
+def freeze_reference(model: nn.Module) -> int:
+    """Keep a frozen copy of every adapter's current weights as the reference policy (see
+    LoRALinear); training then moves only the trainable copy. Returns the layers copied."""
+    layers = lora_layers(model)
+    for _, m in layers:
+        m.ref_lora_a = mx.array(m.lora_a)
+        m.ref_lora_b = mx.array(m.lora_b)
+        m.freeze(keys=["ref_lora_a", "ref_lora_b"], recurse=False)
+    mx.eval([(m.ref_lora_a, m.ref_lora_b) for _, m in layers])
+    return len(layers)
+
+
+def has_reference_copy(model: nn.Module) -> bool:
+    return any("ref_lora_a" in m for _, m in lora_layers(model))
+
+
+@contextlib.contextmanager
+def reference_pass(model: nn.Module):
+    """Inside the block the model computes the reference policy: the base plus the frozen
+    reference copy when there is one, else the base alone (adapter off)."""
+    layers = lora_layers(model)
+    for _, m in layers:
+        m.use_reference = True
+    try:
+        yield model
+    finally:
+        for _, m in layers:
+            m.use_reference = False
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

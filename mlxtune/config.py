@@ -87,7 +87,19 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    type: str = field(default="sft", metadata=_choices("sft"))
+    # sft | dpo | orpo | simpo (the last three train on preference pairs; see
+    # mlxtune.objectives.preference for the formulas).
+    type: str = field(default="sft", metadata=_choices("sft", "dpo", "orpo", "simpo"))
+    loss: str = field(default="sigmoid", metadata=_choices("sigmoid", "ipo", "hinge", "robust"))
+    # None: the method's default (dpo 0.1, orpo 0.1 (its lambda), simpo 2.0).
+    beta: Optional[float] = field(default=None, metadata={"min": 0.0})
+    # Probability that a pair's preference label is flipped (sigmoid: conservative DPO;
+    # robust: Chowdhury et al.; simpo).
+    label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 0.49})
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    # DPO: the reference policy's log-probs computed once before training and cached in
+    # the run directory, instead of a reference forward pass every step.
+    precompute_reference: bool = False
 
 
 @dataclass
@@ -324,6 +336,17 @@ def _check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: train.epochs: give train.iters or train.epochs, not both")
     if t.epochs is None and t.iters is None:
         t.iters = DEFAULT_ITERS
+    o = cfg.objective
+    if o.type != "dpo" and o.loss != "sigmoid":
+        raise ConfigError(f"{where}: objective.loss: {o.loss} is a DPO loss; {o.type} has none")
+    if o.type != "dpo" and o.precompute_reference:
+        raise ConfigError(f"{where}: objective.precompute_reference: {o.type} has no reference "
+                          "model (only dpo does)")
+    if o.type == "dpo" and o.loss in ("ipo", "hinge") and o.label_smoothing:
+        raise ConfigError(f"{where}: objective.label_smoothing: the {o.loss} loss does not use "
+                          "it (sigmoid and robust do)")
+    if o.beta == 0 and o.type in ("dpo", "simpo"):
+        raise ConfigError(f"{where}: objective.beta: must be > 0 for {o.type}")
     if cfg.adapter.rank > 4096:
         raise ConfigError(f"{where}: adapter.rank: {cfg.adapter.rank} is implausibly large")
     if not str(cfg.name).strip() or "/" in str(cfg.name):

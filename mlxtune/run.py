@@ -12,9 +12,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxtune import adapters, backend, data, models
+from mlxtune import adapters, backend, data, models, objectives
 from mlxtune.config import Config, EvalConfig, dump
 from mlxtune.data.batcher import decide_packing
+from mlxtune.data.preference import encode_pairs
 from mlxtune.errors import ConfigError, DataError
 from mlxtune.train import checkpoint
 from mlxtune.train.events import EventWriter, read_events
@@ -28,6 +29,8 @@ RESUMABLE_CHANGES = {"train.iters", "train.epochs", "train.eval_every", "train.s
                      "train.early_stopping.patience", "train.early_stopping.min_delta"}
 # Evaluation settings never change what trains.
 RESUMABLE_CHANGES |= {f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)}
+# The reference log-probs are the same computed once or per step.
+RESUMABLE_CHANGES |= {"objective.precompute_reference"}
 
 
 def default_run_dir(cfg: Config, runs_root: Path = Path("runs")) -> Path:
@@ -62,12 +65,33 @@ def _check_resumable(cfg: Config, run_dir: Path) -> None:
 
 
 def _encode(split: str, records, fmt, tokenizer, cfg: Config, progress: Progress):
-    enc = data.encode(records, tokenizer, cfg.data.max_seq_len, cfg.data.mask_prompt, fmt)
+    if fmt == "preference":
+        enc = encode_pairs(records, tokenizer, cfg.data.max_seq_len)
+        what = "pairs"
+    else:
+        enc = data.encode(records, tokenizer, cfg.data.max_seq_len, cfg.data.mask_prompt, fmt)
+        what = "examples"
     if enc.n_truncated or enc.n_dropped:
-        progress.message(f"{split}: {enc.n_truncated} of {len(records)} examples truncated to "
+        progress.message(f"{split}: {enc.n_truncated} of {len(records)} {what} truncated to "
                          f"data.max_seq_len={cfg.data.max_seq_len}; {enc.n_dropped} dropped "
                          "(no loss-bearing token left)")
     return enc
+
+
+def _check_objective_data(cfg: Config, fmt: str, where: str) -> None:
+    """Preference objectives train on preference pairs, and only they do."""
+    kind = cfg.objective.type
+    if (kind in objectives.PREFERENCE) != (fmt == "preference"):
+        if fmt == "preference":
+            raise DataError(f"{where}: this is preference data (prompt/chosen/rejected), which "
+                            f"objective.type {kind} does not train on; set objective.type to "
+                            "dpo, orpo or simpo")
+        raise DataError(f"{where}: objective.type {kind} trains on preference pairs "
+                        "(\"prompt\", \"chosen\", \"rejected\"), but this file is "
+                        f"{fmt} data")
+    if fmt == "preference" and cfg.data.packing is True:
+        raise ConfigError(f"{cfg.source}: data.packing: preference pairs are not packed "
+                          "(set it to auto or false)")
 
 
 def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
@@ -96,13 +120,17 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     # Until every input has been checked, messages are held back: bad input gets one line.
     progress.hold()
     splits, fmt = data.load_splits(cfg.data, cfg.train.seed)
+    _check_objective_data(cfg, fmt, splits["train"][0].source.rpartition(":")[0])
     progress.message(f"data: {len(splits['train'])} train, {len(splits['valid'])} valid, "
                      f"{len(splits['test'])} test examples ({fmt})")
     loaded = models.load(cfg.model)
     progress.message(f"model: {cfg.model.path} ({loaded.source.kind})")
     train_set = _encode("train", splits["train"], fmt, loaded.tokenizer, cfg, progress)
     valid_set = _encode("valid", splits["valid"], fmt, loaded.tokenizer, cfg, progress)
-    evaluate = evaluate and cfg.eval.auto and bool(splits[cfg.eval.split])
+    # mlxtune.evaluate reads SFT records; preference runs are measured with
+    # mlxtune.objectives.reference.score_pairs (see scripts/eval_preference.py).
+    evaluate = evaluate and cfg.eval.auto and bool(splits[cfg.eval.split]) \
+        and fmt != "preference"
     if evaluate:
         from mlxtune.evaluate import check as check_eval
 
@@ -117,11 +145,17 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         adapter_config = adapters.load(model, Path(cfg.model.adapter))
     else:
         adapter_config = adapters.apply_lora(model, cfg.adapter)
+    if cfg.objective.type in objectives.WITH_REFERENCE:
+        if cfg.model.adapter:  # the reference: base + the starting adapter, frozen
+            adapters.freeze_reference(model)
+            progress.message(f"reference: the base with a frozen copy of {cfg.model.adapter}")
+        else:
+            progress.message("reference: the base (the adapter switched off)")
     adapter_config["base_model"] = cfg.model.path
     trainable, total = adapters.parameter_counts(model)
-    packed = decide_packing(cfg.data.packing, [len(e.tokens) for e in train_set.examples],
-                            cfg.data.max_seq_len, cfg.train.batch_size, loaded.config,
-                            PAD_MULTIPLE)
+    packed = fmt != "preference" and decide_packing(
+        cfg.data.packing, [len(e.tokens) for e in train_set.examples], cfg.data.max_seq_len,
+        cfg.train.batch_size, loaded.config, PAD_MULTIPLE)
 
     progress.release()
     run_dir.mkdir(parents=True, exist_ok=True)

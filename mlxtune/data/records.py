@@ -3,7 +3,8 @@
 Every line is checked before anything is tokenized, and the first problem is reported as
 one line, ``file:line: reason``, which is what the CLI prints. Three record shapes are
 accepted (mlx-lm's): chat (``messages``), completions (``prompt`` + ``completion``) and
-text (``text``). Extra keys are allowed (a ``user`` tag for splitting, say), but a record
+text (``text``), plus TRL's preference pairs (``prompt`` + ``chosen`` + ``rejected``, as
+strings or message lists; see ``check_preference``). Extra keys are allowed (a ``user`` tag for splitting, say), but a record
 must match exactly one shape, and a file must use one shape throughout.
 """
 
@@ -15,10 +16,11 @@ from pathlib import Path
 
 from mlxtune.errors import DataError
 
-FORMATS = ("chat", "completions", "text")
+FORMATS = ("chat", "completions", "text", "preference")
 ROLES = ("system", "user", "assistant", "tool")
 # The keys that make a record one format or another.
-_FORMAT_KEYS = {"chat": ("messages",), "completions": ("prompt", "completion"), "text": ("text",)}
+_FORMAT_KEYS = {"chat": ("messages",), "completions": ("prompt", "completion"), "text": ("text",),
+                "preference": ("chosen", "rejected")}
 
 
 @dataclass
@@ -81,11 +83,13 @@ def _parse_line(raw: bytes, where: str) -> dict | None:
 
 def detect_format(obj: dict, where: str) -> str:
     matches = [f for f, keys in _FORMAT_KEYS.items() if any(k in obj for k in keys)]
+    if "preference" in matches and "completions" in matches and "completion" not in obj:
+        matches.remove("completions")  # a preference pair's "prompt" is its own
     if not matches:
         found = ", ".join(sorted(obj)) or "none"
         raise DataError(f"{where}: no known format: expected \"messages\" (chat), \"prompt\" "
-                        f"and \"completion\" (completions) or \"text\" (text); keys found: "
-                        f"{found}")
+                        f"and \"completion\" (completions), \"text\" (text) or \"prompt\", "
+                        f"\"chosen\" and \"rejected\" (preference); keys found: {found}")
     if len(matches) > 1:
         raise DataError(f"{where}: the record matches several formats ({', '.join(matches)}); "
                         "keep the keys of exactly one")
@@ -151,7 +155,81 @@ def check_text(obj: dict, where: str) -> None:
         raise DataError(f"{where}: empty \"text\"")
 
 
-CHECKS = {"chat": check_chat, "completions": check_completions, "text": check_text}
+def check_preference(obj: dict, where: str) -> None:
+    """TRL's preference shapes: "prompt", "chosen", "rejected" as strings (standard) or as
+    message lists (conversational: the prompt's messages, then the answer's assistant
+    turns), or "chosen" / "rejected" as whole conversations sharing their leading
+    messages (implicit prompt)."""
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise DataError(f"{where}: preference record has no \"{key}\" (needs \"chosen\" "
+                            "and \"rejected\", and a \"prompt\" unless both are whole "
+                            "conversations)")
+    if "tools" in obj and obj["tools"] is not None and not isinstance(obj["tools"], list):
+        raise DataError(f"{where}: \"tools\" must be a list, got {_json_type(obj['tools'])}")
+    prompt, chosen, rejected = obj.get("prompt"), obj["chosen"], obj["rejected"]
+    if isinstance(prompt, str) or (prompt is None and isinstance(chosen, str)):
+        if prompt is None:
+            raise DataError(f"{where}: preference record has no \"prompt\" (string answers "
+                            "need one; only message lists can carry the prompt inside them)")
+        for key in ("chosen", "rejected"):
+            if not isinstance(obj[key], str):
+                raise DataError(f"{where}: \"{key}\" must be a string like \"prompt\", got "
+                                f"{_json_type(obj[key])}")
+            if not obj[key].strip():
+                raise DataError(f"{where}: empty \"{key}\" answer")
+        if chosen == rejected:
+            raise DataError(f"{where}: \"chosen\" and \"rejected\" are identical (nothing "
+                            "to prefer)")
+        return
+    for key in ("chosen", "rejected"):
+        value = obj[key]
+        if not isinstance(value, list) or not value:
+            got = "an empty list" if value == [] else _json_type(value)
+            raise DataError(f"{where}: \"{key}\" must be a non-empty list of messages (or a "
+                            f"string with a string \"prompt\"), got {got}")
+        for i, message in enumerate(value):
+            _check_message(message, f"{where}: {key}[{i}]")
+    if chosen == rejected:
+        raise DataError(f"{where}: \"chosen\" and \"rejected\" are identical (nothing to "
+                        "prefer)")
+    if prompt is None:
+        prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, where)
+    elif not isinstance(prompt, list) or not prompt:
+        got = "an empty list" if prompt == [] else _json_type(prompt)
+        raise DataError(f"{where}: \"prompt\" must be a string or a non-empty list of "
+                        f"messages, got {got}")
+    for i, message in enumerate(prompt):
+        _check_message(message, f"{where}: prompt[{i}]")
+    if prompt[-1]["role"] == "assistant":
+        raise DataError(f"{where}: the prompt is not a prefix for an answer: its last message is "
+                        "from the assistant (the answers go in \"chosen\" and \"rejected\")")
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not answer:
+            raise DataError(f"{where}: \"{key}\" has no answer after the prompt")
+        if answer[0]["role"] != "assistant" or answer[-1]["role"] != "assistant":
+            raise DataError(f"{where}: \"{key}\" must start and end with an assistant message "
+                            "(the answer that follows the prompt)")
+        if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in answer):
+            raise DataError(f"{where}: empty \"{key}\" answer")
+
+
+def split_implicit_prompt(chosen: list, rejected: list, where: str) -> tuple[list, list, list]:
+    """(prompt, chosen answer, rejected answer) from two whole conversations: the prompt is
+    their common leading messages, up to the first assistant turn where they part."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n > 0 and chosen[n - 1]["role"] == "assistant":
+        n -= 1  # a shared assistant turn just before they part belongs to the answers
+    if n == 0:
+        raise DataError(f"{where}: no \"prompt\", and \"chosen\" and \"rejected\" share no "
+                        "leading messages to use as one")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+CHECKS = {"chat": check_chat, "completions": check_completions, "text": check_text,
+          "preference": check_preference}
 
 
 def _json_type(value) -> str:

@@ -1,7 +1,8 @@
 """The training loop: one obvious path from batches to a saved adapter.
 
-step = grad_accumulation micro-batches -> token-weighted mean gradient -> clip -> update.
-Validation every `eval_every` steps (best adapter kept, early stopping), atomic
+step = grad_accumulation micro-batches -> weighted mean gradient -> clip -> update (the
+weight is the objective's: loss-bearing tokens for sft, pairs for preference objectives,
+whose extra metrics are averaged the same way into train and val events). Validation every `eval_every` steps (best adapter kept, early stopping), atomic
 checkpoints every `save_every`, a NaN stops the run with the last good checkpoint intact,
 SIGINT / SIGTERM save a checkpoint and stop cleanly.
 """
@@ -23,6 +24,8 @@ from mlx.utils import tree_map
 from mlxtune import backend, data, objectives
 from mlxtune.config import Config
 from mlxtune.data.batcher import Batcher
+from mlxtune.data.preference import PairBatcher, collate_pairs
+from mlxtune.objectives.reference import Reference
 from mlxtune.errors import TrainingStopped
 from mlxtune.train import checkpoint
 from mlxtune.train.events import EventWriter
@@ -97,8 +100,18 @@ class Trainer:
         self.run_dir, self.events, self.progress = Path(run_dir), events, progress
         self.pad_id = pad_id
         self.loss_fn = objectives.build(cfg)
-        self.batches = Batcher(train_set, cfg.train.batch_size, cfg.train.seed, pad_id,
-                               PAD_MULTIPLE, packed=packed, row_len=cfg.data.max_seq_len)
+        # Preference objectives train on pairs (train_set / valid_set hold data.preference.Pair).
+        self.preference = cfg.objective.type in objectives.PREFERENCE
+        if self.preference:
+            self.batches = PairBatcher(train_set, cfg.train.batch_size, cfg.train.seed, pad_id,
+                                       PAD_MULTIPLE)
+        else:
+            self.batches = Batcher(train_set, cfg.train.batch_size, cfg.train.seed, pad_id,
+                                   PAD_MULTIPLE, packed=packed, row_len=cfg.data.max_seq_len)
+        self.reference = None
+        if cfg.objective.type in objectives.WITH_REFERENCE:
+            self.reference = Reference(model, pad_id, PAD_MULTIPLE, cfg.train.loss_chunk,
+                                       compile=cfg.train.compile)
         self.total = total_steps(cfg, self.batches.batches_per_epoch())
         self.pos = Position()
         self._signal = None
@@ -111,7 +124,21 @@ class Trainer:
             self.pos.batch = 0
         batch = self.batches.order(self.pos.epoch)[self.pos.batch]
         self.pos.batch += 1
-        return self.batches.arrays(batch)
+        arrays = self.batches.arrays(batch)
+        if self.reference is not None:  # DPO: the reference's log-probs are an input
+            arrays = (*arrays, self.reference.batch("train", batch, *arrays[:2]))
+        return arrays
+
+    def precompute_reference(self) -> None:
+        """objective.precompute_reference: the reference log-probs of every train and
+        valid pair, computed once (or read back from the run directory's cache)."""
+        m = self.cfg.model
+        identity = {"model": m.path, "revision": m.revision, "dtype": m.dtype,
+                    "quantize": None if m.quantize is None else vars(m.quantize)}
+        for split, pairs in (("train", self.train_set), ("valid", self.valid_set)):
+            if pairs:
+                self.reference.precompute(split, pairs, self.run_dir, identity,
+                                          self.cfg.train.batch_size, self.progress.message)
 
     # ------------------------------------------------------------------ steps
 
@@ -130,12 +157,12 @@ class Trainer:
             return norm
 
         def fused(*batch):
-            (loss_sum, ntok), grads = loss_and_grad(model, *batch)
-            return loss_sum, ntok, finish(grads, ntok)
+            (loss_sum, weight, metrics), grads = loss_and_grad(model, *batch)
+            return loss_sum, weight, metrics, finish(grads, weight)
 
         def micro(*batch):
-            (loss_sum, ntok), grads = loss_and_grad(model, *batch)
-            return loss_sum, ntok, grads
+            (loss_sum, weight, metrics), grads = loss_and_grad(model, *batch)
+            return loss_sum, weight, metrics, grads
 
         if t.compile:
             fused = mx.compile(fused, inputs=state, outputs=state)
@@ -143,44 +170,60 @@ class Trainer:
             finish = mx.compile(finish, inputs=state, outputs=state)
         return fused, micro, finish
 
-    def _train_step(self, fused, micro, finish) -> tuple[float, int]:
+    def _train_step(self, fused, micro, finish) -> tuple[float, float, int, dict]:
+        """One optimizer step: (summed loss, weight, loss-bearing tokens, summed metrics)."""
         accum = self.cfg.train.grad_accumulation
         # The RNG (LoRA dropout) is a function of (seed, step): resuming needs no RNG file.
         mx.random.seed(step_seed(self.cfg.train.seed, self.pos.step + 1))
-        if accum == 1:
-            loss_sum, ntok, _ = fused(*self._next_batch())
-            mx.eval(loss_sum, ntok, self.model.state)
-            return loss_sum.item(), int(ntok.item())
-        total_loss, total_tok, grads = 0.0, 0, None
+        total_loss, total_weight, total_tok, metrics, grads = 0.0, 0.0, 0, {}, None
         for _ in range(accum):
-            loss_sum, ntok, g = micro(*self._next_batch())
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            mx.eval(loss_sum, ntok, grads)
+            batch = self._next_batch()
+            total_tok += int(batch[1][:, 1:].sum().item())
+            if accum == 1:
+                loss_sum, weight, m, _ = fused(*batch)
+                mx.eval(loss_sum, weight, m, self.model.state)
+            else:
+                loss_sum, weight, m, g = micro(*batch)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                mx.eval(loss_sum, weight, m, grads)
             total_loss += loss_sum.item()
-            total_tok += int(ntok.item())
-        mx.eval(finish(grads, mx.array(max(total_tok, 1), mx.float32)), self.model.state)
-        return total_loss, total_tok
+            total_weight += weight.item()
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v.item()
+        if accum > 1:
+            mx.eval(finish(grads, mx.array(max(total_weight, 1), mx.float32)), self.model.state)
+        return total_loss, total_weight, total_tok, metrics
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self) -> float | None:
+    def validate(self) -> tuple[float, dict] | None:
+        """(mean loss, mean extra metrics) over the validation split (or its first
+        train.val_batches batches)."""
         if not self.valid_set:
             return None
         self.model.eval()
-        order = data.batch_order([len(e.tokens) for e in self.valid_set],
+        order = data.batch_order([len(e) if self.preference else len(e.tokens)
+                                  for e in self.valid_set],
                                  self.cfg.train.batch_size, self.cfg.train.seed, 0)
         if self.cfg.train.val_batches:
             order = order[: self.cfg.train.val_batches]
-        loss_sum, ntok = 0.0, 0
+        loss_sum, weight, metrics = 0.0, 0.0, {}
         for idx in order:
-            tokens, mask = data.collate([self.valid_set[i] for i in idx], self.pad_id,
-                                        PAD_MULTIPLE)
-            s, n = self.loss_fn(self.model, tokens, mask)
-            mx.eval(s, n)
+            items = [self.valid_set[i] for i in idx]
+            if self.preference:
+                batch = collate_pairs(items, self.pad_id, PAD_MULTIPLE)
+            else:
+                batch = data.collate(items, self.pad_id, PAD_MULTIPLE)
+            if self.reference is not None:
+                batch = (*batch, self.reference.batch("valid", idx, *batch))
+            s, n, m = self.loss_fn(self.model, *batch)
+            mx.eval(s, n, m)
             loss_sum += s.item()
-            ntok += int(n.item())
+            weight += n.item()
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v.item()
         self.model.train()
-        return loss_sum / max(ntok, 1)
+        return loss_sum / max(weight, 1), {k: v / max(weight, 1) for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ saving
 
@@ -211,6 +254,8 @@ class Trainer:
         steps = self._build_steps(optimizer)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if self.reference is not None and self.cfg.objective.precompute_reference:
+                self.precompute_reference()
             return self._loop(optimizer, steps)
         except BaseException as e:
             # A NaN stop has emitted its own stop event already.
@@ -225,15 +270,16 @@ class Trainer:
 
     def _loop(self, optimizer, steps) -> Result:
         t, pos = self.cfg.train, self.pos
-        interval_loss, interval_tok, interval_start = 0.0, 0, time.perf_counter()
+        interval_loss, interval_weight, interval_tok = 0.0, 0.0, 0
+        interval_metrics, interval_start = {}, time.perf_counter()
         last_loss = None
         saved_at = pos.step if pos.step else -1
         self.progress.start(pos.step, self.total)
         if t.eval_every and pos.step == 0:
             self._evaluate()  # the untrained starting point, for comparison
         while pos.step < self.total:
-            loss_sum, ntok = self._train_step(*steps)
-            loss = loss_sum / max(ntok, 1)
+            loss_sum, weight, ntok, metrics = self._train_step(*steps)
+            loss = loss_sum / max(weight, 1)
             if not math.isfinite(loss):
                 last = checkpoint.latest(self.run_dir / "checkpoints")
                 msg = (f"loss became {loss} at step {pos.step + 1}; the last good checkpoint is "
@@ -244,20 +290,26 @@ class Trainer:
             pos.step += 1
             pos.tokens += ntok
             interval_loss += loss_sum
+            interval_weight += weight
             interval_tok += ntok
+            for k, v in metrics.items():
+                interval_metrics[k] = interval_metrics.get(k, 0.0) + v
             last_loss = loss
 
             if pos.step % t.log_every == 0 or pos.step == self.total:
                 now = time.perf_counter()
                 lr = optimizer.learning_rate
+                denom = max(interval_weight, 1)
                 record = self.events.emit(
-                    "train", step=pos.step, loss=interval_loss / max(interval_tok, 1),
+                    "train", step=pos.step, loss=interval_loss / denom,
                     lr=float(lr.item() if isinstance(lr, mx.array) else lr),
                     tokens=pos.tokens,
                     tokens_per_sec=interval_tok / max(now - interval_start, 1e-9),
-                    peak_memory_gb=backend.peak_memory_gb(), epoch=pos.epoch)
+                    peak_memory_gb=backend.peak_memory_gb(), epoch=pos.epoch,
+                    **{k: v / denom for k, v in interval_metrics.items()})
                 self.progress.train(record)
-                interval_loss, interval_tok, interval_start = 0.0, 0, time.perf_counter()
+                interval_loss, interval_weight, interval_tok = 0.0, 0.0, 0
+                interval_metrics, interval_start = {}, time.perf_counter()
 
             stop_reason = None
             if t.eval_every and (pos.step % t.eval_every == 0 or pos.step == self.total):
@@ -291,9 +343,10 @@ class Trainer:
 
     def _evaluate(self) -> str | None:
         """Validate, keep the best adapter, decide on early stopping."""
-        val = self.validate()
-        if val is None:
+        out = self.validate()
+        if out is None:
             return None
+        val, metrics = out
         pos, es = self.pos, self.cfg.train.early_stopping
         pos.val_history.append([pos.step, val])
         improved = val < pos.best_val - es.min_delta
@@ -302,7 +355,8 @@ class Trainer:
             checkpoint.save_adapter(self.model, self.adapter_config, self.run_dir / "best")
         else:
             pos.bad_evals += 1
-        self.events.emit("val", step=pos.step, loss=val, best=pos.best_val, improved=improved)
+        self.events.emit("val", step=pos.step, loss=val, best=pos.best_val, improved=improved,
+                         **metrics)
         self.progress.val(pos.step, val, pos.best_val)
         if es.patience and pos.bad_evals >= es.patience:
             return "early_stopping"

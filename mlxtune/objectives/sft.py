@@ -1,16 +1,10 @@
-"""Training objectives: a loss over one batch, nothing more.
-
-Each objective returns (summed loss, number of loss-bearing tokens, extra metrics) so the
-trainer can weight micro-batches by their tokens when it accumulates gradients: the mean
-loss of an accumulated step equals the mean over all its tokens, however they are split.
+"""Supervised fine-tuning: cross-entropy on the loss-bearing tokens.
 
 A batch is (tokens, mask) or, for packed rows, (tokens, mask, segments); see
 mlxtune.forward for the packed attention mask and the chunked loss (`chunk`).
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,17 +27,6 @@ def token_losses(model: nn.Module, tokens: mx.array, mask: mx.array,
 
 def sft(model: nn.Module, tokens: mx.array, mask: mx.array,
         segments: mx.array | None = None, chunk: int = 0):
+    """(summed cross-entropy, loss-bearing tokens)."""
     losses, m = token_losses(model, tokens, mask, segments, chunk)
     return (losses * m).sum(), m.sum()
-
-
-OBJECTIVES = {"sft": sft}
-
-
-def get(name: str):
-    return OBJECTIVES[name]
-
-
-def build(cfg) -> callable:
-    """The objective of a run's config, with its settings bound."""
-    return partial(get(cfg.objective.type), chunk=cfg.train.loss_chunk)

@@ -4,8 +4,9 @@ Every line is checked before anything is tokenized, and the first problem is rep
 one line, ``file:line: reason``, which is what the CLI prints. Three record shapes are
 accepted (mlx-lm's): chat (``messages``), completions (``prompt`` + ``completion``) and
 text (``text``), plus TRL's preference pairs (``prompt`` + ``chosen`` + ``rejected``, as
-strings or message lists; see ``check_preference``). Extra keys are allowed (a ``user`` tag for splitting, say), but a record
-must match exactly one shape, and a file must use one shape throughout.
+strings or message lists; see ``check_preference``). Extra keys are allowed (a ``user``
+tag for splitting, say), but a record must match exactly one shape, and a file must use
+one shape throughout.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 step = grad_accumulation micro-batches -> weighted mean gradient -> clip -> update (the
 weight is the objective's: loss-bearing tokens for sft, pairs for preference objectives,
-whose extra metrics are averaged the same way into train and val events). Validation every `eval_every` steps (best adapter kept, early stopping), atomic
-checkpoints every `save_every`, a NaN stops the run with the last good checkpoint intact,
+whose extra metrics are averaged the same way into train and val events). Validation
+every `eval_every` steps (best adapter kept, early stopping), atomic checkpoints every
+`save_every`, a NaN stops the run with the last good checkpoint intact,
 SIGINT / SIGTERM save a checkpoint and stop cleanly.
 """
 

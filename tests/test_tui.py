@@ -685,6 +685,26 @@ def check_snapshot(app, name: str) -> None:
                              "the change is meant, rerun with MLXTUNE_UPDATE_SNAPSHOTS=1")
 
 
+def test_train_view_shows_preference_metrics(tmp_path):
+    run_dir = tmp_path / "runs" / "dpo"
+    run_dir.mkdir(parents=True)
+    events = [{"event": "start", "time": T0, "config": {"objective": {"type": "dpo"},
+                                                       "train": {"iters": 10}}}]
+    events += [{"event": "train", "time": T0 + s, "step": s, "loss": 0.69 - 0.01 * s,
+                "rewards/accuracies": 0.5 + 0.05 * s, "rewards/margins": 0.1 * s}
+               for s in (1, 2, 3)]
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    app = make_app(run_dir, tmp_path / "runs")
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: len(app.screen.history.train) == 3, what="events")
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        assert "rew. acc 65.0%" in text and "margin   0.3 " in text
+
+    run_app(app, body)
+
+
 def test_snapshot_train_view(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths on screen
     runs = fake_runs(tmp_path)

@@ -111,7 +111,10 @@ class RunHistory:
                                    "lr": _number(e.get("lr")),
                                    "tokens_per_sec": _number(e.get("tokens_per_sec")),
                                    "peak_memory_gb": _number(e.get("peak_memory_gb")),
-                                   "tokens": e.get("tokens")})
+                                   "tokens": e.get("tokens"),
+                                   # preference objectives (TRL's names)
+                                   "reward_accuracy": _number(e.get("rewards/accuracies")),
+                                   "reward_margin": _number(e.get("rewards/margins"))})
         elif kind == "val":
             loss = _number(e.get("loss"))
             if loss is not None and isinstance(e.get("step"), int):

@@ -395,6 +395,10 @@ class TrainScreen(Screen):
         stats.append("\nval      ", "dim").append(f"{h.val[-1][1]:.4f}" if h.val else "-")
         stats.append("\nbest val ", "dim").append(
             f"{h.best_val:.4f}" if h.best_val is not None else "-")
+        if last and last["reward_accuracy"] is not None:  # dpo / orpo / simpo
+            stats.append("\nrew. acc ", "dim").append(f"{100 * last['reward_accuracy']:.1f}%")
+            if last["reward_margin"] is not None:
+                stats.append("\nmargin   ", "dim").append(f"{last['reward_margin']:.4g}")
         ck = h.last_checkpoint
         stats.append("\nsaved    ", "dim").append(f"step {ck}" if ck is not None else "-")
         self.query_one("#stats", Static).update(stats)

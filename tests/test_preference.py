@@ -470,3 +470,26 @@ def test_dpo_on_chat_data_is_one_line(tmp_path, tiny_model_dir, capsys):
     code, out = run_cli(["run", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "r")],
                         capsys)
     assert code != 0 and "train.jsonl: objective.type dpo trains on preference pairs" in out.err
+
+
+def test_eval_preference_script(dpo_workdir, capsys):
+    import importlib.util
+
+    run_dir, _ = run_events(dpo_workdir, "run", "train.iters=3", capsys=capsys)
+    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_preference.py"
+    spec = importlib.util.spec_from_file_location("eval_preference", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = dpo_workdir / "result.json"
+    script.main([str(run_dir), "--adapter", "final", "--split", "valid", "--max-new-tokens", "6",
+                 "--out", str(out)])
+    result = json.loads(out.read_text())
+    n_valid = read_events(run_dir)[0]["valid_examples"]
+    p = result["pairs"]
+    assert p["pairs"] == n_valid
+    for k in ("start_logp_accuracy", "tuned_logp_accuracy", "reward_accuracy"):
+        assert 0.0 <= p[k] <= 1.0
+    # The reward margin moved in training: after 3 steps it is positive on some pairs.
+    assert p["reward_accuracy"] > 0.0
+    gen = result["generation"]["run"]
+    assert gen["examples"] == n_valid and "exact_match" in gen["start"]

@@ -50,6 +50,10 @@ def encode(records: list[Record], tokenizer, max_seq_len: int, mask_prompt: bool
     out = EncodedSplit([], fmt, 0, 0)
     if not records:
         return out
+    if fmt == "preference":
+        raise DataError(f"{records[0].source}: preference pairs are not single examples; "
+                        "they are encoded by mlxtune.data.preference.encode_pairs (measure a "
+                        "preference run with scripts/eval_preference.py)")
     encoder = _Encoder(tokenizer, resolve_mask_prompt(mask_prompt, fmt, records[0].source))
     for record in records:
         tokens, mask = encoder.encode(record, fmt)

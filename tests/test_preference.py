@@ -493,3 +493,41 @@ def test_eval_preference_script(dpo_workdir, capsys):
     assert p["reward_accuracy"] > 0.0
     gen = result["generation"]["run"]
     assert gen["examples"] == n_valid and "exact_match" in gen["start"]
+
+
+def test_quickstart_preferences_are_reproducible_and_split_like_the_sft_data(tmp_path):
+    import importlib.util
+
+    from mlxtune.config import SplitConfig
+    from mlxtune.data import split_records
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "make_quickstart_preferences", root / "scripts" / "make_quickstart_preferences.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    committed = root / "data" / "quickstart" / "preferences.jsonl"
+    assert gen.write(tmp_path).read_bytes() == committed.read_bytes()
+    split = SplitConfig(by="user", valid=0.1, test=0.1)
+    sft = split_records(read_records(root / "data/quickstart/tasks.jsonl")[0], split, 0, "sft")
+    prefs, fmt = read_records(committed)
+    assert fmt == "preference"
+    dpo = split_records(prefs, split, 0, "dpo")
+    for name in ("train", "valid", "test"):
+        assert {r.data["user"] for r in sft[name]} == {r.data["user"] for r in dpo[name]}
+    kinds = {r.data["failure"] for r in prefs}
+    assert kinds == set(gen.KINDS)
+    # Every chosen answer matches the schema; the format failures never do.
+    from mlxtune.evaluate.metrics import Schema
+
+    schema = Schema(root / "data/quickstart/task.schema.json")
+    format_kinds = {"prose", "code_fence", "missing_field", "unresolved_date", "bad_enum",
+                    "wrong_type", "broken_json", "extra_key"}
+    for r in prefs:
+        assert schema.matches(json.loads(r.data["chosen"][0]["content"]))
+        if r.data["failure"] in format_kinds:
+            try:
+                ok = schema.matches(json.loads(r.data["rejected"][0]["content"]))
+            except ValueError:
+                ok = False
+            assert not ok, r.data

@@ -358,7 +358,7 @@ class Trainer:
             pos.bad_evals += 1
         self.events.emit("val", step=pos.step, loss=val, best=pos.best_val, improved=improved,
                          **metrics)
-        self.progress.val(pos.step, val, pos.best_val)
+        self.progress.val(pos.step, val, pos.best_val, metrics)
         if es.patience and pos.bad_evals >= es.patience:
             return "early_stopping"
         return None

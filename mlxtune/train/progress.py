@@ -13,6 +13,13 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+def _rewards(r: dict) -> str:
+    """Preference runs: reward accuracy and margin (TRL's rewards/accuracies, margins)."""
+    if "rewards/accuracies" not in r:
+        return ""
+    return f"  reward acc {r['rewards/accuracies']:.2f}  margin {r['rewards/margins']:.3f}"
+
+
 class Progress:
     """Prints to stderr: one updating line on a terminal, plain lines otherwise."""
 
@@ -61,13 +68,13 @@ class Progress:
         done = r["step"] - self._step0
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / done * (self.total - r["step"]) if done else 0
-        self._write(f"step {r['step']}/{self.total}  loss {r['loss']:.4f}  "
+        self._write(f"step {r['step']}/{self.total}  loss {r['loss']:.4f}{_rewards(r)}  "
                     f"{r['tokens_per_sec']:.0f} tok/s  peak {r['peak_memory_gb']:.2f} GB  "
                     f"ETA {_duration(eta)}", final=not self.tty)
 
-    def val(self, step: int, loss: float, best: float) -> None:
-        self._write(f"step {step}/{self.total}  val loss {loss:.4f}  (best {best:.4f})",
-                    final=True)
+    def val(self, step: int, loss: float, best: float, metrics: dict | None = None) -> None:
+        self._write(f"step {step}/{self.total}  val loss {loss:.4f}{_rewards(metrics or {})}  "
+                    f"(best {best:.4f})", final=True)
 
     def close(self) -> None:
         if self._open_line and not self.quiet:

@@ -320,6 +320,9 @@ def test_eval_command_end_to_end(trained, capsys):
         again = Scorer([e["reference"] for e in shown]).score([e[name] for e in shown])
         for key, value in again.items():
             assert result[name][key] == pytest.approx(value), (name, key)
+    lines = (trained / "eval_predictions.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [
+        {k: e[k] for k in ("source", "reference", "base", "tuned")} for e in shown]
     events = [e for e in read_events(trained) if e["event"] == "eval"]
     assert events[-1]["tuned"]["loss"] == pytest.approx(tuned["loss"])
 
@@ -392,3 +395,16 @@ def test_bad_input_is_one_line(trained, tmp_path, tiny_model_dir, capsys):
     (sub / "bad.json").write_text("{oops")
     fails(["run", str(config), "--run-dir", str(sub / "run")], "eval.schema", "not a JSON file")
     assert not (sub / "run").exists()
+
+
+def test_quickstart_field_accuracy_by_hand():
+    root = Path(__file__).resolve().parents[1]
+    field_accuracy = load_metric(f"{root / 'data/quickstart/metrics.py'}:field_accuracy")
+    ref = ('{"title":"Renew the domain","priority":"urgent","status":"todo",'
+           '"due_date":"2025-03-14","assignee":"Sam","tags":[]}')
+    wrong_date = ref.replace("2025-03-14", "2025-03-21")
+    assert field_accuracy(ref, ref) == 1.0
+    assert field_accuracy(wrong_date, ref) == pytest.approx(5 / 6)
+    assert field_accuracy('{"title": "Renew the domain"}', ref) == pytest.approx(1 / 6)
+    assert field_accuracy("```json\n" + ref + "\n```", ref) == 0.0
+    assert field_accuracy("[1]", ref) == 0.0

@@ -12,8 +12,9 @@ One model is loaded; the base is that model with its LoRA layers switched off
 3. metrics of the generations against the reference answers (see `metrics`), wall time
    and generated tokens per second.
 
-`evaluate_run` writes eval.json and eval.md into the run directory (atomically) and appends
-an `eval` event to events.jsonl. Bad input (no such split, no adapter, a bad schema file or
+`evaluate_run` writes eval.json, eval.md and eval_predictions.jsonl (every generation, base
+and tuned) into the run directory, each atomically, and appends an `eval` event to
+events.jsonl. Bad input (no such split, no adapter, a bad schema file or
 metric) is a one-line MlxtuneError raised before the model is loaded.
 """
 
@@ -251,7 +252,10 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None,
         "tuned": sides["tuned"],
         "examples": shown,
     }
-    report.write(run_dir, result)
+    predictions = [{"source": r.source, "reference": p[1], "base": outputs["base"][i],
+                    "tuned": outputs["tuned"][i]}
+                   for i, (r, p) in enumerate(zip(records[:n_gen], pairs))]
+    report.write(run_dir, result, predictions)
     return result
 
 

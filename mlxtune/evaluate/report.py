@@ -1,5 +1,5 @@
-"""Eval results -> eval.json, eval.md (both written atomically), a terminal table, and an
-`eval` event in events.jsonl."""
+"""Eval results -> eval.json, eval.md, eval_predictions.jsonl (each written atomically), a
+terminal table, and an `eval` event in events.jsonl."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from mlxtune.train.events import EventWriter
 
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
+PREDICTIONS = "eval_predictions.jsonl"  # every generation: source, reference, base, tuned
 
 # (key, label, format) in table order; rows whose key neither side has are left out.
 ROWS = [
@@ -115,8 +116,10 @@ def to_json(result: dict) -> str:
     return json.dumps(_clean(result), indent=2, ensure_ascii=False)
 
 
-def write(run_dir: Path, result: dict) -> None:
+def write(run_dir: Path, result: dict, predictions: list[dict] = ()) -> None:
     run_dir = Path(run_dir)
+    _atomic_write(run_dir / PREDICTIONS, "".join(json.dumps(p, ensure_ascii=False) + "\n"
+                                                 for p in predictions))
     _atomic_write(run_dir / EVAL_JSON, to_json(result) + "\n")
     _atomic_write(run_dir / EVAL_MD, markdown(result))
     events = EventWriter(run_dir)

@@ -127,10 +127,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     progress.message(f"model: {cfg.model.path} ({loaded.source.kind})")
     train_set = _encode("train", splits["train"], fmt, loaded.tokenizer, cfg, progress)
     valid_set = _encode("valid", splits["valid"], fmt, loaded.tokenizer, cfg, progress)
-    # mlxtune.evaluate reads SFT records; preference runs are measured with
-    # mlxtune.objectives.reference.score_pairs (see scripts/eval_preference.py).
-    evaluate = evaluate and cfg.eval.auto and bool(splits[cfg.eval.split]) \
-        and fmt != "preference"
+    evaluate = evaluate and cfg.eval.auto and bool(splits[cfg.eval.split])
     if evaluate:
         from mlxtune.evaluate import check as check_eval
 

@@ -107,8 +107,10 @@ def test_chunked_loss_equals_full_loss_and_gradient(case, chunk):
     full, chunked = dict(tree_flatten(full_grads)), dict(tree_flatten(chunk_grads))
     assert full.keys() == chunked.keys() and full
     for k in full:
-        np.testing.assert_allclose(np.array(chunked[k]), np.array(full[k]),
-                                   rtol=1e-4, atol=1e-6, err_msg=k)
+        # float32 sums in another order: errors scale with the tensor's largest entries.
+        want = np.array(full[k])
+        np.testing.assert_allclose(np.array(chunked[k]), want, rtol=1e-4,
+                                   atol=1e-5 * np.abs(want).max(), err_msg=k)
 
 
 def test_unknown_family_falls_back_to_full_logits():

@@ -472,27 +472,49 @@ def test_dpo_on_chat_data_is_one_line(tmp_path, tiny_model_dir, capsys):
     assert code != 0 and "train.jsonl: objective.type dpo trains on preference pairs" in out.err
 
 
-def test_eval_preference_script(dpo_workdir, capsys):
-    import importlib.util
+def test_eval_of_a_dpo_run_compares_base_start_and_tuned(dpo_workdir, capsys):
+    """`mlxtune eval` on a DPO run started from an SFT adapter: three sides (base, the SFT
+    adapter it started from, the DPO adapter), each checked against log-probs computed here
+    with score_pairs on separately loaded models."""
+    from mlxtune import config as config_mod, models
+    from mlxtune.evaluate import held_out
 
     run_dir, _ = run_events(dpo_workdir, "run", "train.iters=3", capsys=capsys)
-    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_preference.py"
-    spec = importlib.util.spec_from_file_location("eval_preference", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out = dpo_workdir / "result.json"
-    script.main([str(run_dir), "--adapter", "final", "--split", "valid", "--max-new-tokens", "6",
-                 "--out", str(out)])
-    result = json.loads(out.read_text())
-    n_valid = read_events(run_dir)[0]["valid_examples"]
-    p = result["pairs"]
-    assert p["pairs"] == n_valid
-    for k in ("start_logp_accuracy", "tuned_logp_accuracy", "reward_accuracy"):
-        assert 0.0 <= p[k] <= 1.0
-    # The reward margin moved in training: after 3 steps it is positive on some pairs.
-    assert p["reward_accuracy"] > 0.0
-    gen = result["generation"]["run"]
-    assert gen["examples"] == n_valid and "exact_match" in gen["start"]
+    code, out = run_cli(["eval", str(run_dir), "--split", "valid", "--adapter", "final",
+                         "--max-new-tokens", "6", "--json", "--quiet"], capsys)
+    assert code == 0, out.err
+    result = json.loads(out.out)
+    assert result["start_adapter"] == str(dpo_workdir / "sft")
+
+    cfg = config_mod.load(run_dir / "config.yaml")
+    records, _ = held_out(cfg, "valid")
+    loaded = models.load(cfg.model)
+    pairs = encode_pairs(records, loaded.tokenizer, 96).pairs
+    model = loaded.model
+    scores = {"base": score_pairs(model, pairs, 0, 4, reference=False)}
+    adapters.load(model, dpo_workdir / "sft")
+    scores["start"] = score_pairs(model, pairs, 0, 4, reference=False)
+    tuned = mx.load(str(run_dir / "adapters" / "adapters.safetensors"))
+    model.load_weights(list(tuned.items()), strict=False)  # same layers, the run's weights
+    scores["tuned"] = score_pairs(model, pairs, 0, 4, reference=False)
+    for side, s in scores.items():
+        c, r, n = s["policy_chosen"], s["policy_rejected"], s["chosen_tokens"]
+        got = result[side]
+        assert got["pairs"] == len(pairs)
+        assert got["loss"] == pytest.approx(-c.sum() / n.sum(), rel=1e-5), side
+        assert got["perplexity"] == pytest.approx(np.exp(-c.sum() / n.sum()), rel=1e-5)
+        assert got["preference_accuracy"] == pytest.approx((c > r).mean()), side
+        assert "exact_match" in got
+    # DPO's implicit reward of the tuned side, against the start (the reference policy).
+    h = (scores["tuned"]["policy_chosen"] - scores["start"]["policy_chosen"]) \
+        - (scores["tuned"]["policy_rejected"] - scores["start"]["policy_rejected"])
+    assert result["tuned"]["reward_accuracy"] == pytest.approx((h > 0).mean())
+    assert result["tuned"]["reward_margin"] == pytest.approx(0.5 * h.mean(), rel=1e-4)
+    assert "reward_accuracy" not in result["start"]
+    md = (run_dir / "eval.md").read_text()
+    assert "| | base | start | tuned |" in md and "preference accuracy" in md
+    preds = [json.loads(line) for line in (run_dir / "eval_predictions.jsonl").open()]
+    assert len(preds) == len(records) and {"base", "start", "tuned"} <= set(preds[0])
 
 
 def test_quickstart_preferences_are_reproducible_and_split_like_the_sft_data(tmp_path):

@@ -52,8 +52,7 @@ def encode(records: list[Record], tokenizer, max_seq_len: int, mask_prompt: bool
         return out
     if fmt == "preference":
         raise DataError(f"{records[0].source}: preference pairs are not single examples; "
-                        "they are encoded by mlxtune.data.preference.encode_pairs (measure a "
-                        "preference run with scripts/eval_preference.py)")
+                        "they are encoded by mlxtune.data.preference.encode_pairs")
     encoder = _Encoder(tokenizer, resolve_mask_prompt(mask_prompt, fmt, records[0].source))
     for record in records:
         tokens, mask = encoder.encode(record, fmt)

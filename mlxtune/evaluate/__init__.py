@@ -20,6 +20,7 @@ metric) is a one-line MlxtuneError raised before the model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -27,11 +28,12 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from mlxtune import adapters, backend, config, data, models, objectives
 from mlxtune.config import Config
 from mlxtune.errors import ConfigError, DataError, ModelError
-from mlxtune.evaluate import generate, report
+from mlxtune.evaluate import generate, preference, report
 from mlxtune.evaluate.metrics import Scorer, Schema, load_metric
 
 PAD_MULTIPLE = 32  # as the trainer pads, so eval losses equal validation losses
@@ -101,6 +103,15 @@ def prompt_and_reference(record: data.Record, fmt: str, tokenizer) -> tuple | No
     d = record.data
     if fmt == "text":
         return None
+    if fmt == "preference":  # the prompt of the pair; its chosen answer is the reference
+        from mlxtune.data.preference import parts
+
+        prompt, chosen, _, tools = parts(record)
+        if isinstance(prompt, str):
+            d = {"prompt": prompt, "completion": chosen}
+            fmt = "completions"
+        else:
+            d = {"messages": prompt + chosen[-1:], "tools": tools}
     if fmt == "completions":
         if _has_template(tokenizer):
             ids = _render(tokenizer, [{"role": "user", "content": d["prompt"]}], None)
@@ -151,17 +162,25 @@ def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def measure_side(model, tokenizer, examples, prompts, scorer: Scorer | None, cfg: Config,
-                 pad_id: int, max_new_tokens: int, log) -> tuple[dict, list[str]]:
-    start = time.perf_counter()
-    out: dict = {}
-    if examples:
-        loss_sum, ntok = split_loss(model, examples, cfg.train.batch_size, pad_id,
+def teacher_forced(model, held, cfg: Config, pad_id: int) -> tuple[dict, object]:
+    """The loss-type metrics of one side: (metrics, raw scores for preference pairs)."""
+    if cfg.objective.type in objectives.PREFERENCE:
+        raw = preference.score_side(model, held, pad_id, cfg.train.batch_size,
                                     cfg.train.loss_chunk)
-        out["loss"] = loss_sum / max(ntok, 1)
-        out["perplexity"] = _perplexity(out["loss"])
-        out["loss_tokens"] = ntok
-        log(f"  loss {out['loss']:.4f} over {ntok} tokens "
+        return preference.side_metrics(raw, cfg.objective), raw
+    loss_sum, ntok = split_loss(model, held, cfg.train.batch_size, pad_id, cfg.train.loss_chunk)
+    loss = loss_sum / max(ntok, 1)
+    return {"loss": loss, "perplexity": _perplexity(loss), "loss_tokens": ntok}, None
+
+
+def measure_side(model, tokenizer, held, prompts, scorer: Scorer | None, cfg: Config,
+                 pad_id: int, max_new_tokens: int, log) -> tuple[dict, object, list[str]]:
+    """(metrics, raw pair scores or None, generated texts) of the model as it is set up."""
+    start = time.perf_counter()
+    out, raw = {}, None
+    if held:
+        out, raw = teacher_forced(model, held, cfg, pad_id)
+        log(f"  loss {out['loss']:.4f} over {out['loss_tokens']} tokens "
             f"({time.perf_counter() - start:.0f} s)")
     texts: list[str] = []
     if prompts:
@@ -178,7 +197,53 @@ def measure_side(model, tokenizer, examples, prompts, scorer: Scorer | None, cfg
         log(f"  generated {steps} tokens for {len(gens)} examples in {seconds:.0f} s "
             f"({out['tokens_per_sec']:.1f} tokens/s)")
     out["wall_s"] = time.perf_counter() - start
-    return out, texts
+    return out, raw, texts
+
+
+# ----------------------------------------------------------------------------- sides
+
+
+@contextlib.contextmanager
+def _adapter_off(model):
+    adapters.set_enabled(model, False)
+    try:
+        yield model
+    finally:
+        adapters.set_enabled(model, True)
+
+
+def load_adapters(model, cfg: Config, which: Path, log) -> bool:
+    """Apply the run's adapter. A run that started from an adapter (model.adapter) also
+    gets that one, as a frozen copy beside it (adapters.freeze_reference): the 'start'
+    side. Returns whether there is a start side."""
+    start = Path(cfg.model.adapter) if cfg.model.adapter else None
+    if start is not None and not (start / adapters.ADAPTER_FILE).is_file():
+        log(f"warning: the starting adapter {start} is gone; comparing base and tuned only")
+        start = None
+    if start is None:
+        adapters.load(model, which)
+        return False
+    adapters.load(model, start)
+    adapters.freeze_reference(model)
+    weights = mx.load(str(which / adapters.ADAPTER_FILE))
+    params = dict(tree_flatten(model.parameters()))
+    for name, w in weights.items():
+        if name not in params or params[name].shape != w.shape:
+            raise ModelError(f"{which}: adapter tensor {name} {tuple(w.shape)} does not fit "
+                             f"the starting adapter {start} (another model or rank?)")
+        weights[name] = w.astype(params[name].dtype)
+    model.load_weights(list(weights.items()), strict=False)
+    return True
+
+
+def sides_of(model, has_start: bool) -> list[tuple[str, str, object]]:
+    """(name, description, context that sets the model up) in the order they run."""
+    sides = [("base", "adapter off", _adapter_off(model))]
+    if has_start:
+        sides.append(("start", "the adapter the run started from",
+                      adapters.reference_pass(model)))
+    sides.append(("tuned", "the run's adapter", contextlib.nullcontext(model)))
+    return sides
 
 
 # ----------------------------------------------------------------------------- the flow
@@ -187,9 +252,10 @@ def measure_side(model, tokenizer, examples, prompts, scorer: Scorer | None, cfg
 def evaluate_run(run_dir: Path, overrides: dict | None = None,
                  log: Callable[[str], None] = lambda _msg: None,
                  cfg: Config | None = None) -> dict:
-    """Evaluate a run directory's adapter against its base; write eval.json / eval.md.
-    The run's config is read from the run directory unless given (`mlxtune run` passes
-    its own, which may differ in eval.* keys after a resume)."""
+    """Evaluate a run directory's adapter against its base (and against the adapter it
+    started from, if any); write eval.json, eval.md and eval_predictions.jsonl. The
+    run's config is read from the run directory unless given (`mlxtune run` passes its
+    own, which may differ in eval.* keys after a resume)."""
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir, overrides)
     ev = cfg.eval
@@ -205,13 +271,20 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None,
     dense = generate.should_densify(model, ev.dense_base, dtype)
     if dense:
         generate.densify(model, dtype)
-    adapters.load(model, which)
+    has_start = load_adapters(model, cfg, which, log)
     model.eval()
 
-    encoded = data.encode(records, tok, cfg.data.max_seq_len, cfg.data.mask_prompt, fmt)
+    if fmt == "preference":
+        from mlxtune.data.preference import encode_pairs
+
+        encoded = encode_pairs(records, tok, cfg.data.max_seq_len)
+    else:
+        encoded = data.encode(records, tok, cfg.data.max_seq_len, cfg.data.mask_prompt, fmt)
     n_gen = len(records) if ev.examples is None else min(ev.examples, len(records))
-    pairs = [prompt_and_reference(r, fmt, tok) for r in records[:n_gen]]
-    pairs = [p for p in pairs if p is not None]
+    gen_records = [r for r in records[:n_gen]]
+    pairs = [prompt_and_reference(r, fmt, tok) for r in gen_records]
+    if any(p is None for p in pairs):  # text data: nothing to answer
+        gen_records, pairs = [], []
     prompts = [p[0] for p in pairs]
     references = [p[1] for p in pairs]
     scorer = Scorer(references, schema, metric) if pairs else None
@@ -220,22 +293,26 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None,
             f"do not match {ev.schema}")
     max_new = ev.max_new_tokens or _auto_max_new_tokens(tok, references)
 
-    sides, outputs = {}, {}
+    sides, raw, outputs = {}, {}, {}
     pad_id = _pad_id(tok)
-    for name, enabled in (("base", False), ("tuned", True)):
-        log(f"{name} ({'adapter on' if enabled else 'adapter off'}):")
-        adapters.set_enabled(model, enabled)
-        sides[name], outputs[name] = measure_side(model, tok, encoded.examples, prompts,
-                                                  scorer, cfg, pad_id, max_new, log)
-    adapters.set_enabled(model, True)
+    for name, what, setup in sides_of(model, has_start):
+        log(f"{name} ({what}):")
+        with setup:
+            sides[name], raw[name], outputs[name] = measure_side(
+                model, tok, encoded.examples, prompts, scorer, cfg, pad_id, max_new, log)
+    if cfg.objective.type == "dpo" and encoded.examples:
+        reference = raw["start" if has_start else "base"]
+        sides["tuned"].update(preference.dpo_rewards(raw["tuned"], reference, cfg.objective))
 
-    shown = [{"source": r.source, "prompt": p[2], "reference": p[1],
-              "base": outputs["base"][i], "tuned": outputs["tuned"][i]}
-             for i, (r, p) in enumerate(zip(records[:n_gen], pairs)) if i < ev.show]
+    names = list(sides)
+    predictions = [{"source": r.source, "prompt": p[2], "reference": p[1],
+                    **{n: outputs[n][i] for n in names}}
+                   for i, (r, p) in enumerate(zip(gen_records, pairs))]
     result = {
         "run_dir": str(run_dir),
         "split": ev.split,
         "adapter": str(which),
+        "start_adapter": cfg.model.adapter if has_start else None,
         "format": fmt,
         "objective": cfg.objective.type,
         "split_examples": len(records),
@@ -248,14 +325,11 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None,
         "dense_base": dense,
         "backend": backend.name(),
         "time": round(time.time(), 3),
-        "base": sides["base"],
-        "tuned": sides["tuned"],
-        "examples": shown,
+        **sides,
+        "examples": predictions[:ev.show],
     }
-    predictions = [{"source": r.source, "reference": p[1], "base": outputs["base"][i],
-                    "tuned": outputs["tuned"][i]}
-                   for i, (r, p) in enumerate(zip(records[:n_gen], pairs))]
-    report.write(run_dir, result, predictions)
+    report.write(run_dir, result, [{k: v for k, v in p.items() if k != "prompt"}
+                                   for p in predictions])
     return result
 
 

@@ -13,7 +13,8 @@ from mlxtune.train.events import EventWriter
 
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
-PREDICTIONS = "eval_predictions.jsonl"  # every generation: source, reference, base, tuned
+PREDICTIONS = "eval_predictions.jsonl"  # every generation: source, reference, one per side
+SIDES = ("base", "start", "tuned")  # start: the adapter a run started from (model.adapter)
 
 # (key, label, format) in table order; rows whose key neither side has are left out.
 ROWS = [
@@ -23,6 +24,7 @@ ROWS = [
     ("json_valid", "JSON valid", "pct"),
     ("schema_match", "schema match", "pct"),
     ("metric", "metric", "{:.4f}"),
+    ("preference_accuracy", "preference accuracy", "pct"),
     ("reward_accuracy", "reward accuracy", "pct"),
     ("reward_margin", "reward margin", "{:.4f}"),
     ("stopped", "ended by EOS", "pct"),
@@ -30,7 +32,7 @@ ROWS = [
     ("wall_s", "wall time (s)", "{:.0f}"),
 ]
 SUMMARY_KEYS = ("loss", "perplexity", "exact_match", "json_valid", "schema_match", "metric",
-                "reward_accuracy", "reward_margin")
+                "preference_accuracy", "reward_accuracy", "reward_margin")
 
 
 def _fmt(value, fmt: str) -> str:
@@ -43,14 +45,19 @@ def _fmt(value, fmt: str) -> str:
     return fmt.format(value)
 
 
-def rows(result: dict) -> list[tuple[str, str, str]]:
-    base, tuned = result.get("base", {}), result.get("tuned", {})
+def sides(result: dict) -> list[str]:
+    return [s for s in SIDES if s in result]
+
+
+def rows(result: dict) -> list[tuple[str, ...]]:
+    """(label, value per side) for each metric some side has."""
+    present = [result[s] for s in sides(result)]
     out = []
     for key, label, fmt in ROWS:
-        if key in base or key in tuned:
+        if any(key in side for side in present):
             if key == "metric" and result.get("metric_name"):
                 label = f"metric ({result['metric_name'].rpartition(':')[2]})"
-            out.append((label, _fmt(base.get(key), fmt), _fmt(tuned.get(key), fmt)))
+            out.append((label, *(_fmt(side.get(key), fmt) for side in present)))
     return out
 
 
@@ -66,20 +73,24 @@ def headline(result: dict) -> str:
 def table(result: dict) -> str:
     body = rows(result)
     width = max([len(r[0]) for r in body] + [6])
-    lines = [headline(result), f"{'':<{width}}  {'base':>10}  {'tuned':>10}"]
-    lines += [f"{label:<{width}}  {b:>10}  {t:>10}" for label, b, t in body]
+    lines = [headline(result), f"{'':<{width}}" + "".join(f"  {s:>10}" for s in sides(result))]
+    lines += [f"{r[0]:<{width}}" + "".join(f"  {v:>10}" for v in r[1:]) for r in body]
     return "\n".join(lines)
 
 
 def markdown(result: dict) -> str:
+    names = sides(result)
     lines = [f"# Evaluation: {Path(result['run_dir']).name}", "", headline(result) + ".", "",
-             "| | base | tuned |", "|---|---|---|"]
-    lines += [f"| {label} | {b} | {t} |" for label, b, t in rows(result)]
-    lines += ["", "Base: the same model with the adapter switched off. Exact match compares "
-              "after stripping leading and trailing whitespace."]
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
+    lines += ["", "Base: the same model with the adapter switched off."]
+    if "start" in result:
+        lines[-1] += (f" Start: the base with the adapter the run started from "
+                      f"({result.get('start_adapter')}).")
+    lines[-1] += " Exact match compares after stripping leading and trailing whitespace."
     for i, ex in enumerate(result.get("examples", []), start=1):
         lines += ["", f"## Example {i} ({ex['source']})", "", "Prompt:", "", _block(ex["prompt"])]
-        for key in ("reference", "base", "tuned"):
+        for key in ("reference", *names):
             if key in ex:
                 lines += [f"{key.capitalize()}:", "", _block(ex[key])]
     return "\n".join(lines) + "\n"
@@ -126,6 +137,6 @@ def write(run_dir: Path, result: dict, predictions: list[dict] = ()) -> None:
     try:
         events.emit("eval", split=result["split"], adapter=result["adapter"],
                     **{side: {k: v for k, v in result[side].items() if k in SUMMARY_KEYS}
-                       for side in ("base", "tuned")})
+                       for side in sides(result)})
     finally:
         events.close()

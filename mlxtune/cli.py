@@ -38,13 +38,20 @@ def cli(debug: bool) -> None:
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation against the base model "
               "that follows training when there is a held-out split.")
 def run(config_path, overrides, run_dir, resume, quiet, no_eval):
-    """Train as CONFIG says; write a run directory."""
+    """Train as CONFIG says; write a run directory.
+
+    Data-parallel over several processes or Macs: start it with mlx.launch (README,
+    "Several ranks"); every rank runs this command, rank 0 writes the run directory."""
     from mlxtune import config
     from mlxtune.run import run as run_training
+    from mlxtune.train import distributed
 
-    cfg = config.load(config_path, list(overrides))
-    run_dir, result = run_training(cfg, run_dir, resume=resume, quiet=quiet,
-                                   evaluate=not no_eval)
+    with distributed.preflight() as world:  # a bad config on one rank stops every rank
+        cfg = config.load(config_path, list(overrides))
+        run_dir, result = run_training(cfg, run_dir, resume=resume, quiet=quiet,
+                                       evaluate=not no_eval)
+    if not world.main:
+        sys.exit(130 if result.reason == "interrupted" else 0)
     if not quiet:
         best = f", best val loss {result.best_val:.4f}" if result.best_val is not None else ""
         click.echo(f"{result.reason}: step {result.step}{best}", err=True)

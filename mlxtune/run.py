@@ -17,7 +17,7 @@ from mlxtune.config import Config, EvalConfig, dump
 from mlxtune.data.batcher import decide_packing
 from mlxtune.data.preference import encode_pairs
 from mlxtune.errors import ConfigError, DataError
-from mlxtune.train import checkpoint
+from mlxtune.train import checkpoint, distributed
 from mlxtune.train.events import EventWriter, read_events
 from mlxtune.train.loop import PAD_MULTIPLE, Result, Trainer
 from mlxtune.train.progress import Progress
@@ -94,13 +94,8 @@ def _check_objective_data(cfg: Config, fmt: str, where: str) -> None:
                           "(set it to auto or false)")
 
 
-def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
-        quiet: bool = False, evaluate: bool = True) -> tuple[Path, Result]:
-    """Train; then, unless `evaluate` is false or eval.auto is off, evaluate base vs tuned
-    on the held-out split (eval.split) when it has examples."""
-    progress = Progress(quiet=quiet)
-
-    # Where the run goes; decided first, created last.
+def _where(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[Path, Path | None]:
+    """(the run directory, the checkpoint to resume from)."""
     if resume:
         run_dir = Path(run_dir) if run_dir else latest_run_dir(cfg)
         if run_dir is None or not (run_dir / CONFIG_FILE).exists():
@@ -116,6 +111,29 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
             raise ConfigError(f"--run-dir: {run_dir} already exists and is not empty (use "
                               "--resume to continue it, or another --run-dir)")
         resume_from = None
+    return run_dir, resume_from
+
+
+@distributed.preflight()
+def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
+        quiet: bool = False, evaluate: bool = True) -> tuple[Path, Result]:
+    """Train; then, unless `evaluate` is false or eval.auto is off, evaluate base vs tuned
+    on the held-out split (eval.split) when it has examples.
+
+    Under mlx.launch every rank calls this (mlxtune.train.distributed): rank 0 decides
+    the run directory and alone writes to it; the ranks check their inputs together."""
+    world = distributed.world()
+    progress = Progress(quiet=quiet or not world.main)
+
+    # Where the run goes; decided first, created last.
+    if world.main:
+        run_dir, resume_from = _where(cfg, run_dir, resume)
+        if resume_from is not None:
+            distributed.check_resume(resume_from, world)
+    else:
+        resume_from = None  # rank 0 reads the checkpoint and hands its state over
+    run_dir = Path(world.agree(lambda: distributed.config_items(cfg), cfg.source, str(run_dir)))
+    distributed.check_batch_size(cfg, world)
 
     # Until every input has been checked, messages are held back: bad input gets one line.
     progress.hold()
@@ -153,12 +171,16 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     packed = fmt != "preference" and decide_packing(
         cfg.data.packing, [len(e.tokens) for e in train_set.examples], cfg.data.max_seq_len,
         cfg.train.batch_size, loaded.config, PAD_MULTIPLE)
+    world.agree(lambda: distributed.run_items(train_set.examples, valid_set.examples, loaded,
+                                              model, cfg.model.adapter, packed),
+                cfg.source, last=True)
 
     progress.release()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / CONFIG_FILE).write_text(dump(cfg))
-    events = EventWriter(run_dir)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run_dir / CONFIG_FILE).write_text(dump(cfg))
+    events = EventWriter(run_dir, enabled=world.main)
     try:
         info = backend.device_info()
         events.emit("start", config=cfg.to_dict(), trainable_params=trainable,
@@ -167,17 +189,21 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                     train_examples=len(train_set.examples),
                     valid_examples=len(valid_set.examples),
                     truncated=train_set.n_truncated + valid_set.n_truncated,
-                    resumed_from=str(resume_from) if resume_from else None, packing=packed)
+                    resumed_from=str(resume_from) if resume_from else None, packing=packed,
+                    ranks=world.size)
         progress.message(f"run: {run_dir}  ({trainable:,} trainable of {total:,} parameters, "
                          f"{info['backend']}, {info['blas']})")
         trainer = Trainer(model, adapter_config, cfg, train_set.examples, valid_set.examples,
                           run_dir, events, progress, pad_id=_pad_id(loaded.tokenizer),
-                          packed=packed)
+                          packed=packed, world=world)
         progress.message(trainer.batches.describe())
+        if world.size > 1:
+            progress.message(f"data parallel: {world.size} ranks, "
+                             f"{cfg.train.batch_size // world.size} of each batch per rank")
         result = trainer.run(resume_from)
     finally:
         events.close()
-    if evaluate and result.reason in ("done", "early_stopping"):
+    if evaluate and world.main and result.reason in ("done", "early_stopping"):
         from mlxtune.evaluate import evaluate_run, report
 
         del trainer, model, loaded  # the evaluation loads the model afresh

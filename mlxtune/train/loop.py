@@ -6,6 +6,11 @@ whose extra metrics are averaged the same way into train and val events). Valida
 every `eval_every` steps (best adapter kept, early stopping), atomic checkpoints every
 `save_every`, a NaN stops the run with the last good checkpoint intact,
 SIGINT / SIGTERM save a checkpoint and stop cleanly.
+
+Under mlx.launch (mlxtune.train.distributed) each rank computes its share of every global
+batch; the sums of loss, weight, tokens, metrics and gradients are added across ranks
+before the update, so every rank takes the same step and makes the same decisions
+(validation, early stopping, a signal on any rank); rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_map
 
 from mlxtune import backend, data, objectives
@@ -29,6 +35,7 @@ from mlxtune.data.preference import PairBatcher, collate_pairs
 from mlxtune.objectives.reference import Reference
 from mlxtune.errors import TrainingStopped
 from mlxtune.train import checkpoint
+from mlxtune.train.distributed import World
 from mlxtune.train.events import EventWriter
 from mlxtune.train.optim import make_optimizer
 from mlxtune.train.progress import Progress
@@ -47,6 +54,7 @@ class Position:
     best_step: int = 0
     bad_evals: int = 0       # validations since the last improvement
     val_history: list = field(default_factory=list)
+    ranks: int = 1           # data-parallel ranks (a resume must use as many)
 
 
 @dataclass
@@ -64,8 +72,9 @@ def total_steps(cfg: Config, batches_per_epoch: int) -> int:
     return max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accumulation))
 
 
-def step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (1 << 63)
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The RNG seed of a step (LoRA dropout); ranks draw apart from one another."""
+    return (seed * 1_000_003 + step + rank * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
 def enable_grad_checkpoint(model: nn.Module) -> None:
@@ -95,8 +104,10 @@ def _checkpointed_class(cls: type) -> type:
 class Trainer:
     def __init__(self, model: nn.Module, adapter_config: dict, cfg: Config,
                  train_set: list, valid_set: list, run_dir: Path, events: EventWriter,
-                 progress: Progress, pad_id: int, packed: bool = False):
+                 progress: Progress, pad_id: int, packed: bool = False,
+                 world: World | None = None):
         self.model, self.adapter_config, self.cfg = model, adapter_config, cfg
+        self.world = world or World()
         self.train_set, self.valid_set = train_set, valid_set
         self.run_dir, self.events, self.progress = Path(run_dir), events, progress
         self.pad_id = pad_id
@@ -116,19 +127,23 @@ class Trainer:
         self.total = total_steps(cfg, self.batches.batches_per_epoch())
         self.pos = Position()
         self._signal = None
+        self._signalled = False  # a signal reached some rank (agreed at the last step)
 
     # ------------------------------------------------------------------ batches
 
-    def _next_batch(self) -> tuple:
+    def _next_batch(self) -> tuple[tuple, bool]:
+        """This rank's share of the next global batch as arrays, and whether it is real
+        (distributed.World.shard)."""
         if self.pos.batch >= len(self.batches.order(self.pos.epoch)):
             self.pos.epoch += 1
             self.pos.batch = 0
         batch = self.batches.order(self.pos.epoch)[self.pos.batch]
         self.pos.batch += 1
+        batch, real = self.world.shard(batch)
         arrays = self.batches.arrays(batch)
         if self.reference is not None:  # DPO: the reference's log-probs are an input
             arrays = (*arrays, self.reference.batch("train", batch, *arrays[:2]))
-        return arrays
+        return arrays, real
 
     def precompute_reference(self) -> None:
         """objective.precompute_reference: the reference log-probs of every train and
@@ -137,9 +152,17 @@ class Trainer:
         identity = {"model": m.path, "revision": m.revision, "dtype": m.dtype,
                     "quantize": None if m.quantize is None else vars(m.quantize)}
         for split, pairs in (("train", self.train_set), ("valid", self.valid_set)):
-            if pairs:
+            if not pairs:
+                continue
+            if self.world.main:  # it writes the cache; the other ranks receive the values
                 self.reference.precompute(split, pairs, self.run_dir, identity,
                                           self.cfg.train.batch_size, self.progress.message)
+            if self.world.size > 1:
+                values = self.reference.cached.get(split)
+                if values is None:
+                    values = np.zeros((len(pairs), 2), np.float32)
+                self.reference.cached[split] = np.array(
+                    self.world.broadcast_tree({"v": mx.array(values)})["v"])
 
     # ------------------------------------------------------------------ steps
 
@@ -172,26 +195,43 @@ class Trainer:
         return fused, micro, finish
 
     def _train_step(self, fused, micro, finish) -> tuple[float, float, int, dict]:
-        """One optimizer step: (summed loss, weight, loss-bearing tokens, summed metrics)."""
-        accum = self.cfg.train.grad_accumulation
+        """One optimizer step: (summed loss, weight, loss-bearing tokens, summed metrics),
+        over every rank's share of the step's batches."""
+        accum, world = self.cfg.train.grad_accumulation, self.world
         # The RNG (LoRA dropout) is a function of (seed, step): resuming needs no RNG file.
-        mx.random.seed(step_seed(self.cfg.train.seed, self.pos.step + 1))
+        mx.random.seed(step_seed(self.cfg.train.seed, self.pos.step + 1, world.rank))
         total_loss, total_weight, total_tok, metrics, grads = 0.0, 0.0, 0, {}, None
         for _ in range(accum):
-            batch = self._next_batch()
-            total_tok += int(batch[1][:, 1:].sum().item())
-            if accum == 1:
+            batch, real = self._next_batch()
+            if accum == 1 and world.size == 1:
                 loss_sum, weight, m, _ = fused(*batch)
                 mx.eval(loss_sum, weight, m, self.model.state)
             else:
                 loss_sum, weight, m, g = micro(*batch)
+                if not real:  # a stand-in for a rank with no share of a short batch
+                    g = tree_map(mx.zeros_like, g)
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 mx.eval(loss_sum, weight, m, grads)
+            if not real:
+                continue
+            total_tok += int(batch[1][:, 1:].sum().item())
             total_loss += loss_sum.item()
             total_weight += weight.item()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v.item()
-        if accum > 1:
+        if world.size > 1:
+            # Sums over every rank's items, then the same update everywhere. The signal
+            # flag rides along, so every rank stops at the same step.
+            keys = sorted(m)
+            sums = world.sum_floats([total_loss, total_weight, total_tok,
+                                     float(self._signal is not None),
+                                     *[metrics.get(k, 0.0) for k in keys]])
+            total_loss, total_weight, total_tok, signalled = sums[:4]
+            total_tok = int(total_tok)
+            self._signalled = signalled > 0
+            metrics = dict(zip(keys, sums[4:]))
+            grads = world.sum_tree(grads)
+        if accum > 1 or world.size > 1:
             mx.eval(finish(grads, mx.array(max(total_weight, 1), mx.float32)), self.model.state)
         return total_loss, total_weight, total_tok, metrics
 
@@ -208,6 +248,8 @@ class Trainer:
                                  self.cfg.train.batch_size, self.cfg.train.seed, 0)
         if self.cfg.train.val_batches:
             order = order[: self.cfg.train.val_batches]
+        # Each rank validates its share of the batches; the sums are added up below.
+        order, real = self.world.shard(order)
         loss_sum, weight, metrics = 0.0, 0.0, {}
         for idx in order:
             items = [self.valid_set[i] for i in idx]
@@ -224,16 +266,27 @@ class Trainer:
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v.item()
         self.model.train()
+        if self.world.size > 1:
+            keys = sorted(metrics)
+            scale = 1.0 if real else 0.0
+            sums = self.world.sum_floats([scale * x for x in
+                                          (loss_sum, weight, *[metrics[k] for k in keys])])
+            loss_sum, weight, metrics = sums[0], sums[1], dict(zip(keys, sums[2:]))
         return loss_sum / max(weight, 1), {k: v / max(weight, 1) for k, v in metrics.items()}
 
     # ------------------------------------------------------------------ saving
 
-    def _save_checkpoint(self, optimizer) -> Path:
+    def _save_checkpoint(self, optimizer) -> None:
+        if not self.world.main:  # rank 0 writes; every rank holds the same state
+            return
         path = checkpoint.save(self.run_dir / "checkpoints", self.pos.step, self.model,
                                self.adapter_config, optimizer, self.pos.__dict__,
                                keep=self.cfg.train.keep_checkpoints)
         self.events.emit("checkpoint", step=self.pos.step, path=str(path))
-        return path
+
+    def _save_adapter(self, folder: str) -> None:
+        if self.world.main:
+            checkpoint.save_adapter(self.model, self.adapter_config, self.run_dir / folder)
 
     def _on_signal(self, signum, _frame):
         self._signal = signum
@@ -249,6 +302,10 @@ class Trainer:
         if resume_from is not None:
             self.pos = Position(**checkpoint.load(resume_from, self.model, optimizer))
             optimizer.init(self.model.trainable_parameters())
+        if self.world.size > 1:  # rank 0's weights, optimizer state and position everywhere
+            self.pos = Position(**self.world.broadcast_state(self.model, optimizer,
+                                                             self.pos.__dict__))
+        self.pos.ranks = self.world.size
         if t.grad_checkpoint:
             enable_grad_checkpoint(self.model)
         self.model.train()
@@ -315,7 +372,7 @@ class Trainer:
             stop_reason = None
             if t.eval_every and (pos.step % t.eval_every == 0 or pos.step == self.total):
                 stop_reason = self._evaluate()
-            if self._signal is not None:
+            if self._signal is not None if self.world.size == 1 else self._signalled:
                 stop_reason = "interrupted"
             if stop_reason or (t.save_every and pos.step % t.save_every == 0) \
                     or pos.step == self.total:
@@ -329,17 +386,20 @@ class Trainer:
         if saved_at != pos.step:
             self._save_checkpoint(optimizer)
         if stop_reason != "interrupted":
-            checkpoint.save_adapter(self.model, self.adapter_config, self.run_dir / "adapters")
+            self._save_adapter("adapters")
         best = pos.best_val if math.isfinite(pos.best_val) else None
         messages = {
             "done": f"finished {pos.step} steps",
             "early_stopping": f"validation loss has not improved for {pos.bad_evals} "
                               f"evaluations; best {best} at step {pos.best_step}",
-            "interrupted": f"stopped by signal {self._signal} at step {pos.step}; resume with "
-                           "--resume",
+            "interrupted": f"stopped by signal {self._signal or '(to another rank)'} at step "
+                           f"{pos.step}; resume with --resume",
         }
         self.events.emit("stop", reason=stop_reason, step=pos.step,
                          message=messages[stop_reason], best_val=best)
+        # No rank leaves before rank 0 has written: mlx.launch stops the others when
+        # one exits non-zero (as an interrupted run does).
+        self.world.barrier()
         return Result(stop_reason, pos.step, best, last_loss)
 
     def _evaluate(self) -> str | None:
@@ -353,7 +413,7 @@ class Trainer:
         improved = val < pos.best_val - es.min_delta
         if improved:
             pos.best_val, pos.best_step, pos.bad_evals = val, pos.step, 0
-            checkpoint.save_adapter(self.model, self.adapter_config, self.run_dir / "best")
+            self._save_adapter("best")
         else:
             pos.bad_evals += 1
         self.events.emit("val", step=pos.step, loss=val, best=pos.best_val, improved=improved,

@@ -124,6 +124,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     the run directory and alone writes to it; the ranks check their inputs together."""
     world = distributed.world()
     progress = Progress(quiet=quiet or not world.main)
+    evaluate = evaluate and world.main  # rank 0 evaluates (eval.* is its business alone)
 
     # Where the run goes; decided first, created last.
     if world.main:
@@ -203,7 +204,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         result = trainer.run(resume_from)
     finally:
         events.close()
-    if evaluate and world.main and result.reason in ("done", "early_stopping"):
+    if evaluate and result.reason in ("done", "early_stopping"):
         from mlxtune.evaluate import evaluate_run, report
 
         del trainer, model, loaded  # the evaluation loads the model afresh

@@ -82,7 +82,8 @@ def free_port_pair() -> int:
 
 
 def launch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`mlx.launch -n 2 --backend ring ... -- -m mlxtune ARGS` from the repository root."""
+    """`mlx.launch -n 2 --backend ring ... -- -m mlxtune ARGS` from the repository root.
+    mlx.launch (MLX 0.32) exits 0 even when a rank fails: callers check what was written."""
     env_args = [a for k, v in RANK_ENV.items() for a in ("--env", f"{k}={v}")]
     cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port",
            str(free_port_pair()), *env_args, "--python", sys.executable, "--",
@@ -195,7 +196,7 @@ def test_packed_rows_with_grad_accumulation(workdir, capsys):
     done = launch("run", config, "--run-dir", str(workdir / "two"), "-q", *sets)
     assert done.returncode == 0 and (workdir / "two" / "adapters").is_dir(), done.stderr
     assert read_events(workdir / "two")[0]["packing"] is True
-    assert_same_run(workdir / "one", workdir / "two")
+    print(f"packed, grad accumulation 2: {assert_same_run(workdir / 'one', workdir / 'two')}")
 
 
 @pytest.mark.slow
@@ -228,7 +229,8 @@ def test_dpo_two_ranks_match_one_process(tmp_path, tiny_model_dir, capsys, preco
     done = launch("run", str(tmp_path / "dpo.yaml"), "--run-dir", str(tmp_path / "two"), "-q",
                   "--no-eval")
     assert done.returncode == 0 and (tmp_path / "two" / "adapters").is_dir(), done.stderr
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    worst = assert_same_run(tmp_path / "one", tmp_path / "two")
+    print(f"dpo, precompute_reference={precompute}: {worst}")
     for name in ("rewards/accuracies", "rewards/margins", "logps/chosen"):
         a, b = [[e[name] for e in read_events(d) if e["event"] == "train"]
                 for d in (tmp_path / "one", tmp_path / "two")]
@@ -254,12 +256,13 @@ def test_resume_with_two_ranks_and_refuse_one(workdir, capsys):
                    "--set", "train.iters=10")
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
     assert read_events(two)[-1]["reason"] == "done"
-    assert_same_run(workdir / "one", two)
+    worst = assert_same_run(workdir / "one", two)
     code, err = run_here("run", config, "--run-dir", str(two), "--resume", capsys=capsys)
     assert code == 2
     assert err.strip().splitlines() == [
         f"mlxtune: error: --resume: {two / 'checkpoints' / 'step-10'} was trained with 2 "
         "ranks and this run has 1; resume it with mlx.launch with 2 ranks"]
+    print(f"two ranks, stopped at 5 and resumed: {worst}")
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -6,6 +6,8 @@ mlx.launch sets) so each rank's exit code and output can be checked on its own."
 import json
 import os
 import random
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -84,12 +86,22 @@ def free_port_pair() -> int:
 def launch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`mlx.launch -n 2 --backend ring ... -- -m mlxtune ARGS` from the repository root.
     mlx.launch (MLX 0.32) exits 0 even when a rank fails: callers check what was written."""
+    launcher = LAUNCH if LAUNCH.exists() else shutil.which("mlx.launch")
+    assert launcher, "mlx.launch (installed with mlx) is not beside this Python nor on PATH"
     env_args = [a for k, v in RANK_ENV.items() for a in ("--env", f"{k}={v}")]
-    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port",
+    cmd = [str(launcher), "-n", "2", "--backend", "ring", "--starting-port",
            str(free_port_pair()), *env_args, "--python", sys.executable, "--",
            "-m", "mlxtune", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    # In a session of its own, so that a hang is ended with the ranks, not just the launcher.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def spawn_ranks(tmp_path: Path, per_rank: list[list[str]], timeout: int = 180) -> list:

@@ -363,7 +363,8 @@ class Trainer:
                     lr=float(lr.item() if isinstance(lr, mx.array) else lr),
                     tokens=pos.tokens,
                     tokens_per_sec=interval_tok / max(now - interval_start, 1e-9),
-                    peak_memory_gb=backend.peak_memory_gb(), epoch=pos.epoch,
+                    peak_memory_gb=self.world.max_float(backend.peak_memory_gb()),  # any rank's
+                    epoch=pos.epoch,
                     **{k: v / denom for k, v in interval_metrics.items()})
                 self.progress.train(record)
                 interval_loss, interval_weight, interval_tok = 0.0, 0.0, 0

@@ -37,7 +37,9 @@ def cli(debug: bool) -> None:
               "path is still printed at the end.")
 @click.option("--no-eval", is_flag=True, help="Skip the evaluation against the base model "
               "that follows training when there is a held-out split.")
-def run(config_path, overrides, run_dir, resume, quiet, no_eval):
+@click.option("--ignore-memory-plan", is_flag=True, help="Train even when the memory planner "
+              "predicts the step will not fit this machine (see mlxtune plan).")
+def run(config_path, overrides, run_dir, resume, quiet, no_eval, ignore_memory_plan):
     """Train as CONFIG says; write a run directory.
 
     Data-parallel over several processes or Macs: start it with mlx.launch (README,
@@ -49,7 +51,8 @@ def run(config_path, overrides, run_dir, resume, quiet, no_eval):
     with distributed.preflight() as world:  # a bad config on one rank stops every rank
         cfg = config.load(config_path, list(overrides))
         run_dir, result = run_training(cfg, run_dir, resume=resume, quiet=quiet,
-                                       evaluate=not no_eval)
+                                       evaluate=not no_eval,
+                                       memory_check=not ignore_memory_plan)
     if not world.main:
         sys.exit(130 if result.reason == "interrupted" else 0)
     if not quiet:
@@ -140,6 +143,29 @@ def tui_command(target, overrides, runs_root):
     from mlxtune.tui import main as tui_main
 
     tui_main(target, runs_root, list(overrides))
+
+
+@cli.command("plan")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes: memory is planned per rank, each with "
+                   "train.batch_size / ranks of every batch.")
+@click.option("--attention", type=click.Choice(["materialised", "fused"]),
+              default="materialised", show_default=True,
+              help="How attention's backward pass is computed: MLX's composed attention "
+                   "keeps the scores; 'fused' plans for a kernel that keeps none.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (peak_gb, breakdown, "
+              "tiers, ...).")
+def plan_command(config_path, overrides, ranks, attention, as_json):
+    """Predicted peak memory of a training step, per item, and whether it fits a 32, 64 or
+    128 GB Mac and this machine; loads no weights."""
+    from mlxtune import config, memory
+    from mlxtune.memory.report import text
+
+    cfg = config.load(config_path, list(overrides))
+    result = memory.plan(cfg, ranks=ranks, attention=attention)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else text(result))
 
 
 def main(argv=None) -> None:

@@ -116,9 +116,13 @@ def _where(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[Path, Path 
 
 @distributed.preflight()
 def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
-        quiet: bool = False, evaluate: bool = True) -> tuple[Path, Result]:
+        quiet: bool = False, evaluate: bool = True,
+        memory_check: bool = True) -> tuple[Path, Result]:
     """Train; then, unless `evaluate` is false or eval.auto is off, evaluate base vs tuned
-    on the held-out split (eval.split) when it has examples.
+    on the held-out split (eval.split) when it has examples. Unless `memory_check` is
+    false, a configuration the memory planner predicts not to fit this machine is refused
+    before anything is loaded (mlxtune.memory.guard), and MLX's memory limit is set to
+    what the planner counts as usable here.
 
     Under mlx.launch every rank calls this (mlxtune.train.distributed): rank 0 decides
     the run directory and alone writes to it; the ranks check their inputs together."""
@@ -135,6 +139,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         resume_from = None  # rank 0 reads the checkpoint and hands its state over
     run_dir = Path(world.agree(lambda: distributed.config_items(cfg), cfg.source, str(run_dir)))
     distributed.check_batch_size(cfg, world)
+    plan = _memory_plan(cfg, world.size, memory_check)
 
     # Until every input has been checked, messages are held back: bad input gets one line.
     progress.hold()
@@ -144,6 +149,9 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                      f"{len(splits['test'])} test examples ({fmt})")
     loaded = models.load(cfg.model)
     progress.message(f"model: {cfg.model.path} ({loaded.source.kind})")
+    if plan is not None:
+        progress.message(f"memory: planned peak {plan.peak_gb:.2f} GB per rank of "
+                         f"{plan.machine.usable_gb:.1f} GB usable here ({plan.verdict})")
     train_set = _encode("train", splits["train"], fmt, loaded.tokenizer, cfg, progress)
     valid_set = _encode("valid", splits["valid"], fmt, loaded.tokenizer, cfg, progress)
     evaluate = evaluate and cfg.eval.auto and bool(splits[cfg.eval.split])
@@ -186,7 +194,8 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         info = backend.device_info()
         events.emit("start", config=cfg.to_dict(), trainable_params=trainable,
                     total_params=total, backend=info["backend"], blas=info["blas"],
-                    planned_peak_gb=None, model_source=dataclasses.asdict(loaded.source),
+                    planned_peak_gb=None if plan is None else round(plan.peak_gb, 3),
+                    model_source=dataclasses.asdict(loaded.source),
                     train_examples=len(train_set.examples),
                     valid_examples=len(valid_set.examples),
                     truncated=train_set.n_truncated + valid_set.n_truncated,
@@ -201,6 +210,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         if world.size > 1:
             progress.message(f"data parallel: {world.size} ranks, "
                              f"{cfg.train.batch_size // world.size} of each batch per rank")
+        backend.reset_peak_memory()  # train events report the training peak, as planned
         result = trainer.run(resume_from)
     finally:
         events.close()
@@ -210,6 +220,28 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         del trainer, model, loaded  # the evaluation loads the model afresh
         progress.message(report.table(evaluate_run(run_dir, log=progress.message, cfg=cfg)))
     return run_dir, result
+
+
+def _memory_plan(cfg: Config, ranks: int, check: bool):
+    """The planner's fit for this machine (mlxtune.memory.Fit, per rank), after refusing
+    a configuration predicted not to fit unless `check` is false; sets MLX's memory limit
+    to the usable memory. None when the planner cannot tell: it never blocks a run it
+    cannot plan (the loader then reports what is wrong with the model, if anything)."""
+    from mlxtune import memory
+
+    try:
+        here = memory.guard(cfg, ranks, hints=check)
+    except memory.MemoryPlanError:
+        if check:
+            raise  # one line, nothing written
+        here = None
+    except Exception:  # noqa: BLE001  (the planner is advice here, never a blocker)
+        return None
+    if here is None:
+        here = memory.fit(cfg, memory.tiers_mod.this_machine(),
+                          memory.resolve_shape(cfg.model), ranks, with_hints=False)
+    mx.set_memory_limit(here.machine.usable_bytes)
+    return here
 
 
 def _pad_id(tokenizer) -> int:

@@ -1,0 +1,354 @@
+"""The arithmetic: a training step's peak memory, item by item.
+
+Everything is a function of a `Workload` (the model's shape and stored weights, the
+batch one rank computes, the adapter, the objective, the backend and compute dtype).
+Each item says which assumption it rests on:
+
+- base weights: every tensor as it sits in memory (mlxtune.memory.weights).
+- LoRA adapter, gradients, optimizer state: rank * (in + out) parameters per adapted
+  linear layer, in the compute dtype (mlx's Adam keeps two states like its parameters;
+  gradient accumulation holds a second copy of the gradients).
+- activations: what the backward pass needs of each adapted block, plus the working set
+  of the block whose backward is running. With train.grad_checkpoint a block keeps only
+  its input and is recomputed when its backward runs. Blocks below the first adapted one
+  keep nothing (no gradient flows there).
+- attention: MLX computes attention under autodiff with scores and probabilities
+  materialised ([heads, positions, positions] per row); "fused" assumes a kernel that
+  keeps none (an option, not the default: see Workload.attention).
+- logits and loss: [positions, vocab] float32 arrays of the output head and the
+  cross-entropy, or train.loss_chunk positions at a time.
+- packing: the block-diagonal mask, [rows, positions, positions] booleans.
+- preference objectives: two rows (chosen, rejected) per pair; dpo also runs the
+  reference policy's forward pass before each step.
+- CPU path of a quantized base: layers are dequantized to the compute dtype for BLAS
+  and again in the backward pass (mlxtune.quant); the dense copies are transient.
+- framework: MLX's own small arrays (RoPE tables, masks) and allocator rounding.
+
+How many copies of each size MLX holds at the peak is not derived by hand: MLX runs
+ahead of the computation and frees a buffer only when the operations that read it have
+run, so the peak depends on its scheduler. The counts (COEFFICIENTS) are fitted to peaks
+measured with mx.get_peak_memory() over real training steps on the CPU backend
+(scripts/calibrate_memory.py, which also checks them on configurations left out of the
+fit; docs/memory.md). On Metal the same counts are applied in bfloat16: the graph and
+the scheduler are MLX's, only the bytes per element change (an extrapolation the CPU
+cannot check).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from mlxtune.errors import ConfigError
+from mlxtune.memory import weights as weights_mod
+from mlxtune.memory.calibration import COEFFICIENTS
+from mlxtune.memory.shapes import ModelShape
+
+PAD_MULTIPLE = 32  # mlxtune.train.loop.PAD_MULTIPLE: rows are padded to a multiple of this
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Model families whose output head mlxtune can chunk (mlxtune.forward.HEAD_FAMILIES).
+HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                 "phi3", "granite", "smollm3", "olmo2", "starcoder2"}
+
+ITEMS = ("base weights", "LoRA adapter", "gradients", "optimizer state", "activations",
+         "attention", "logits and loss", "packing mask", "dequantization (CPU)",
+         "framework")
+
+
+
+
+@dataclass(frozen=True)
+class Workload:
+    shape: ModelShape
+    weights: tuple
+    backend: str                 # "metal" | "cuda" | "cpu"
+    dtype: str                   # compute dtype
+    rows: int                    # rows of one micro-batch on one rank
+    width: int                   # padded row width in tokens (the model sees width - 1)
+    rank: int
+    lora_modules: tuple          # (module path, in, out) adapted in each adapted block
+    adapted_layers: int
+    grad_checkpoint: bool = False
+    loss_chunk: int = 2048
+    objective: str = "sft"
+    packed: bool = False
+    optimizer_states: int = 2
+    grad_accumulation: int = 1
+    attention: str = "materialised"
+    notes: tuple = field(default=(), compare=False)
+
+    @property
+    def compute_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def positions(self) -> int:
+        return self.width - 1
+
+    @property
+    def tokens(self) -> int:
+        """Positions the model computes in one micro-batch (N)."""
+        return self.rows * self.positions
+
+    @property
+    def reference_pass(self) -> bool:
+        return self.objective == "dpo"
+
+    @property
+    def chunked(self) -> bool:
+        return (self.loss_chunk > 0 and self.tokens > self.loss_chunk
+                and self.shape.model_type in HEAD_FAMILIES)
+
+    @property
+    def lora_parameters(self) -> int:
+        return self.adapted_layers * sum((i + o) * self.rank for _, i, o in self.lora_modules)
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether attention runs a block of queries at a time (mlxtune.attention, on the
+        CPU backend, for models using mlx_lm's shared attention function)."""
+        return self.backend == "cpu" and self.attention == "materialised" and \
+            _blockwise_block(self.shape.model_type, self.positions) > 0
+
+    @property
+    def score_columns(self) -> float:
+        """Attention scores per query position and head that are computed and kept."""
+        if self.attention == "fused":
+            return 0.0
+        L = self.positions
+        block = _blockwise_block(self.shape.model_type, L) if self.backend == "cpu" else 0
+        if not block:
+            return float(L)
+        total = sum((min(s + block, L) - s) * min(s + block, L) for s in range(0, L, block))
+        return total / L
+
+    def activation_bytes(self, coefficients: dict | None = None) -> float:
+        """Bytes per activation element. On the CPU backend a 16-bit dtype has no BLAS
+        path: MLX converts to float32 around each matmul, which the fitted
+        "cpu_half_bytes" accounts for."""
+        if self.backend == "cpu" and self.compute_bytes == 2:
+            return (coefficients or COEFFICIENTS)["cpu_half_bytes"]
+        return float(self.compute_bytes)
+
+
+def _blockwise_block(model_type: str, positions: int) -> int:
+    """mlxtune.attention's query block when it covers this model and length, else 0."""
+    try:
+        from mlxtune import attention
+    except ImportError:
+        return 0
+    import importlib
+
+    try:
+        module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError:
+        return 0
+    if not hasattr(module, "scaled_dot_product_attention"):
+        return 0
+    return attention.BLOCK if positions > attention.BLOCK else 0
+
+
+def resolve_targets(shape: ModelShape, targets: list[str]) -> list[tuple[str, int, int]]:
+    """adapter.targets against the block's linear layers, as mlxtune.adapters does: a full
+    module path or its last part; empty means every linear layer of the block."""
+    linears = shape.block_linears()
+    if not targets:
+        return linears
+    out = []
+    for t in targets:
+        matched = [m for m in linears if m[0] == t or m[0].split(".")[-1] == t]
+        if not matched:
+            names = ", ".join(m[0] for m in linears)
+            raise ConfigError(f"adapter.targets: '{t}' is not a linear layer of this model's "
+                              f"blocks (available: {names})")
+        out += [m for m in matched if m not in out]
+    return out
+
+
+def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
+             attention: str = "materialised") -> Workload:
+    """What one rank computes in one micro-batch of `cfg` (an mlxtune Config)."""
+    if ranks < 1:
+        raise ConfigError(f"ranks: must be >= 1, got {ranks}")
+    batch = cfg.train.batch_size
+    if batch % ranks:
+        raise ConfigError(f"{cfg.source or '<config>'}: train.batch_size: {batch} is not "
+                          f"divisible by {ranks} ranks (each rank takes an equal share of "
+                          "every global batch)")
+    if attention not in ("materialised", "fused"):
+        raise ValueError(f"attention must be 'materialised' or 'fused', not {attention!r}")
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        dtype = "float32" if backend == "cpu" else "bfloat16"
+    from mlxtune import objectives
+
+    preference = cfg.objective.type in objectives.PREFERENCE
+    width = -(-cfg.data.max_seq_len // PAD_MULTIPLE) * PAD_MULTIPLE
+    n = shape.num_layers
+    adapted = n if cfg.adapter.layers == -1 else min(cfg.adapter.layers, n)
+    t = cfg.train
+    states = 2 if t.optimizer in ("adam", "adamw") else (1 if t.momentum > 0 else 0)
+    notes = []
+    if cfg.data.packing == "auto" and not preference:
+        notes.append("data.packing is auto: decided from the data at run time; planned "
+                     "without the packing mask (rows are full either way)")
+    return Workload(
+        shape=shape,
+        weights=tuple(weights_mod.base_weights(shape, cfg.model, DTYPE_BYTES[dtype])),
+        backend=backend, dtype=dtype, rows=(batch // ranks) * (2 if preference else 1),
+        width=width, rank=cfg.adapter.rank,
+        lora_modules=tuple(resolve_targets(shape, list(cfg.adapter.targets))),
+        adapted_layers=adapted, grad_checkpoint=t.grad_checkpoint, loss_chunk=t.loss_chunk,
+        objective=cfg.objective.type, packed=cfg.data.packing is True and not preference,
+        optimizer_states=states, grad_accumulation=t.grad_accumulation, attention=attention,
+        notes=tuple(notes))
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
+    """Sizes in bytes that the fitted COEFFICIENTS multiply: one copy of each kind of
+    array the step holds (see the module docstring). Shared by the estimate and by
+    scripts/calibrate_memory.py, which fits the coefficients."""
+    s = w.shape
+    N, c = w.tokens, w.activation_bytes(coefficients)
+    n = w.adapted_layers
+    lora_out = sum(o for _, _, o in w.lora_modules)
+    lora_r = w.rank * len(w.lora_modules)
+    att = s.num_heads * w.score_columns
+    f = {
+        # Kept for backward by each adapted block (without checkpointing).
+        "saved_d": 0.0, "saved_qkv": 0.0, "saved_ffn": 0.0, "saved_lora": 0.0,
+        "saved_att": 0.0,
+        # Kept by each block with checkpointing: its input.
+        "ckpt_d": 0.0,
+        # The working set of the block whose backward runs.
+        "work_d": N * c * s.hidden_size, "work_ffn": N * c * s.intermediate_size,
+        "work_att": N * c * att,
+        # Logits and cross-entropy (float32): whole, or in chunks.
+        "logits": 0.0, "logits_chunked": 0.0,
+        # Dense copies of quantized layers on the CPU path.
+        "dequant_max": 0.0, "dequant_block": 0.0,
+        "framework": 1e6,
+    }
+    per_block = {"saved_d": N * c * s.hidden_size,
+                 "saved_qkv": N * c * (s.q_dim + 2 * s.kv_dim),
+                 "saved_ffn": N * c * s.intermediate_size,
+                 "saved_lora": N * c * (lora_out + lora_r),
+                 "saved_att": N * c * att}
+    kept = n if not w.grad_checkpoint else 1  # checkpointing: one block recomputed at a time
+    for k, v in per_block.items():
+        f[k] = kept * v
+    if w.grad_checkpoint:
+        f["ckpt_d"] = n * N * c * s.hidden_size
+    head = N * s.vocab_size * 4.0
+    if w.chunked:
+        f["logits_chunked"] = head
+    else:
+        f["logits"] = head
+    if w.backend == "cpu":
+        q = [x for x in w.weights if x.quantized]
+        if q:
+            f["dequant_max"] = max(x.rows * x.cols for x in q) * w.compute_bytes
+            per_block_q = [x for x in q if x.kind == "linear"]
+            if per_block_q:
+                f["dequant_block"] = (sum(x.rows * x.cols for x in per_block_q)
+                                      / max(s.num_layers, 1) * w.compute_bytes)
+    return f
+
+
+# Which report item each fitted feature belongs to.
+_ITEM_OF = {"saved_d": "activations", "saved_qkv": "activations", "saved_ffn": "activations",
+            "saved_lora": "activations", "ckpt_d": "activations", "work_d": "activations",
+            "work_ffn": "activations", "saved_att": "attention", "work_att": "attention",
+            "logits": "logits and loss", "logits_chunked": "logits and loss",
+            "dequant_max": "dequantization (CPU)", "dequant_block": "dequantization (CPU)",
+            "framework": "framework"}
+
+
+@dataclass
+class Breakdown:
+    workload: Workload
+    items: dict[str, float]          # item -> bytes (they sum to `peak`)
+    reference_pass: float | None     # dpo: peak of the reference forward pass, bytes
+
+    @property
+    def peak(self) -> float:
+        step = sum(self.items.values())
+        return max(step, self.reference_pass or 0.0)
+
+    def gb(self) -> dict[str, float]:
+        return {k: round(v / 1e9, 3) for k, v in self.items.items() if v}
+
+
+def fixed_bytes(w: Workload) -> dict[str, float]:
+    """The items that are counted exactly (not fitted): weights, adapter, gradients,
+    optimizer state, the causal / packing masks, and the 16-bit copy of the logits."""
+    c = w.compute_bytes
+    p = w.lora_parameters
+    L = w.positions
+    items = dict.fromkeys(ITEMS, 0.0)
+    items["base weights"] = float(sum(x.nbytes for x in w.weights))
+    items["LoRA adapter"] = float(p * c)
+    items["gradients"] = float(p * c * (2 if w.grad_accumulation > 1 else 1))
+    items["optimizer state"] = float(p * c * w.optimizer_states)
+    if w.attention == "materialised" and not w.blockwise:
+        items["attention"] += float(L * L)  # MLX's causal mask: [positions, positions] bools
+    if w.packed:
+        items["packing mask"] = float(w.rows * L * L)
+    if c != 4:  # the head's output in the compute dtype before the float32 cast
+        chunk = min(w.tokens, w.loss_chunk) if w.chunked else w.tokens
+        items["logits and loss"] += float(chunk * w.shape.vocab_size * c)
+    return items
+
+
+def estimate(w: Workload, coefficients: dict | None = None) -> Breakdown:
+    coef = COEFFICIENTS if coefficients is None else coefficients
+    items = fixed_bytes(w)
+    for name, value in features(w, coef).items():
+        items[_ITEM_OF[name]] += coef[name] * value
+    ref = None
+    if w.reference_pass:
+        ref = reference_pass_bytes(w, coef)
+    return Breakdown(w, items, ref)
+
+
+def reference_pass_bytes(w: Workload, coef: dict) -> float:
+    """Peak of dpo's reference forward pass (no gradient, evaluated before the step):
+    the resident state plus the forward pass's arrays, which MLX's scheduler also holds
+    for a while (COEFFICIENTS["reference"] of the step's activations)."""
+    items = fixed_bytes(w)
+    f = features(w, coef)
+    resident = sum(items[k] for k in ("base weights", "LoRA adapter", "optimizer state"))
+    act = sum(coef[k] * f[k] for k in f if _ITEM_OF[k] in ("activations", "attention"))
+    head = coef["logits"] * (f["logits"] + f["logits_chunked"])
+    return resident + coef["reference"] * act + head + coef["framework"] * f["framework"]
+
+
+def describe_assumptions(w: Workload) -> list[str]:
+    s = w.shape
+    out = [
+        f"{w.rows} rows x {w.width} tokens per micro-batch on each rank"
+        + (" (pairs: chosen and rejected rows)" if w.objective != "sft" else "")
+        + "; every row as long as data.max_seq_len (the worst case)",
+        f"compute dtype {w.dtype} on the {w.backend} backend",
+        f"LoRA rank {w.rank} on {len(w.lora_modules)} linear layers of the last "
+        f"{w.adapted_layers} of {s.num_layers} blocks",
+        "gradient checkpointing " + ("on" if w.grad_checkpoint else "off"),
+        "attention scores " + ("materialised (MLX's attention under autodiff)"
+                               if w.attention == "materialised" else "fused (not kept)"),
+        ("logits and loss in chunks of %d positions" % w.loss_chunk) if w.chunked
+        else "logits and loss over all positions at once",
+    ]
+    if w.reference_pass:
+        out.append("dpo: the reference policy's forward pass runs before each step")
+    return out + list(w.notes)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def round_up(n: int, m: int) -> int:
+    return int(math.ceil(n / m) * m)

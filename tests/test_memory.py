@@ -1,0 +1,478 @@
+"""The memory planner (mlxtune.memory): each item's arithmetic, checked by hand or against
+what MLX actually allocates for a loaded model; the verdicts, hints, guard and CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiny import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(model_path: str, **sections):
+    from mlxtune import config
+
+    raw = {"name": "m", "model": {"path": model_path}, "data": {"train": "x.jsonl"}}
+    for key, value in sections.items():
+        raw[key] = value
+    return config.from_dict(raw)
+
+
+def shape(**over):
+    from mlxtune.memory.shapes import ModelShape
+
+    args = dict(name="t", model_type="llama", hidden_size=64, num_layers=2,
+                intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
+                vocab_size=300, tie_embeddings=True)
+    args.update(over)
+    return ModelShape(**args)
+
+
+LLAMA8B = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+# ------------------------------------------------------------------------------ storage
+
+
+def test_bytes_per_format_by_hand():
+    from mlxtune.memory import storage as S
+
+    rows, cols = 256, 4096
+    n = rows * cols
+    assert S.nbytes(S.DENSE, rows, cols, 4) == 4 * n
+    assert S.nbytes(S.DENSE, rows, cols, 2) == 2 * n
+    # affine 4-bit, group 64: half a byte per weight + a scale and a bias per 64 weights
+    assert S.nbytes(S.affine(4, 64), rows, cols, 2) == n // 2 + 2 * (n // 64) * 2
+    assert S.nbytes(S.affine(4, 64), rows, cols, 4) == n // 2 + 2 * (n // 64) * 4
+    assert S.nbytes(S.affine(8, 32), rows, cols, 2) == n + 2 * (n // 32) * 2
+    # nf4: 4-bit codes, an int8 absmax per 64, a float32 scale per 256 absmaxes, an offset
+    assert S.nbytes(S.NF4, rows, cols, 2) == n // 2 + n // 64 + 4 * (n // 64 // 256) + 4
+    # q6_k: 4 + 2 bits, an int8 scale per 16 and a float16 d per 256
+    assert S.nbytes(S.Q6_K, rows, cols, 2) == n * 6 // 8 + n // 16 + 2 * (n // 256)
+    assert S.bits_per_weight(S.affine(4, 64), 2) == pytest.approx(4.5)
+    assert S.bits_per_weight(S.NF4, 2) == pytest.approx(4.127, abs=1e-3)
+    assert S.bits_per_weight(S.Q6_K, 2) == pytest.approx(6.5625)
+
+
+def test_gguf_types_map_to_the_layouts_the_loader_uses():
+    from mlxtune.memory import storage as S
+    from mlxtune.quant import layouts
+
+    for name, bits in layouts.AFFINE_TYPES.items():
+        assert S.from_gguf_type(name) == S.affine(bits, 32)
+    assert S.from_gguf_type("Q6_K") == S.Q6_K
+    for name in ("F32", "F16", "BF16", "Q2_K", "Q3_K", "IQ4_XS"):
+        assert S.from_gguf_type(name) == S.DENSE
+    assert S.from_gguf_type("Q4_0", two_d=False) == S.DENSE
+    # On disk Q4_K is 4.5 bits; in memory MLX affine with a scale and bias per 32.
+    assert S.gguf_file_bytes("Q4_K", 256) == 144
+
+
+# ------------------------------------------------------------------------------ shapes
+
+
+def test_catalogue_shapes_match_published_parameter_counts():
+    from mlxtune.memory import catalogue
+
+    for repo, published in catalogue.PUBLISHED_PARAMETERS.items():
+        got = catalogue.lookup(repo).parameters()
+        # keras-hub counts Gemma 3's embedding with 262144 rows, the hub config 262208
+        assert got == pytest.approx(published, rel=5e-5), repo
+    assert catalogue.lookup("Qwen/Qwen2.5-7B-Instruct").hidden_size == 3584
+    q = catalogue.lookup("mlx-community/Llama-3.2-3B-Instruct-4bit")
+    assert q.quantization == {"group_size": 64, "bits": 4} and q.num_layers == 28
+    assert catalogue.lookup("someone/unknown-model") is None
+    for repo in catalogue.names():
+        assert "huggingface.co" in catalogue.lookup(repo).source
+
+
+def test_shape_from_config_defaults_and_multimodal_wrapper():
+    from mlxtune.errors import ModelError
+    from mlxtune.memory.shapes import from_config
+
+    s = from_config({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+                     "intermediate_size": 128, "num_attention_heads": 4,
+                     "vocab_size": 100}, "x", "here")
+    assert (s.num_kv_heads, s.head_dim, s.tie_embeddings) == (4, 16, True)
+    g = from_config({"model_type": "gemma3", "text_config": {
+        "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+        "vocab_size": 100}}, "g", "here")
+    assert g.model_type == "gemma3_text" and g.head_dim == 32 and g.qk_norm
+    q = from_config({"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 1,
+                     "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 10,
+                     "quantization": {"group_size": 32, "bits": 4}}, "q", "here")
+    assert q.attention_bias and q.quantization["bits"] == 4
+    with pytest.raises(ModelError, match="here: config has no hidden_size"):
+        from_config({"num_hidden_layers": 2}, "x", "here")
+
+
+def test_shape_of_a_folder_matches_the_loaded_model(tiny_model_dir):
+    from mlxtune import models
+    from mlxtune.config import ModelConfig
+    from mlxtune.memory.shapes import resolve
+
+    s = resolve(ModelConfig(path=str(tiny_model_dir)))
+    loaded = models.load(ModelConfig(path=str(tiny_model_dir)))
+    from mlxtune import adapters
+
+    assert s.parameters() == adapters.parameter_counts(loaded.model)[1]
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def _resident(model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+@pytest.mark.parametrize("quantize", [None, {"format": "affine", "bits": 4, "group_size": 32},
+                                      {"format": "nf4"}])
+def test_base_weight_bytes_equal_what_the_loader_allocates(tiny_model_dir, quantize):
+    from mlxtune import config, models
+    from mlxtune.memory import weights
+    from mlxtune.memory.shapes import resolve
+
+    cfg = make_cfg(str(tiny_model_dir), model={"path": str(tiny_model_dir),
+                                               "quantize": quantize})
+    planned = weights.base_weights(resolve(cfg.model), cfg.model, 4)
+    loaded = models.load(cfg.model)
+    assert sum(w.nbytes for w in planned) == _resident(loaded.model)
+    assert config  # the Config type is the one run uses
+
+
+def test_base_weight_bytes_of_a_quantized_folder(tiny_quantized_model_dir):
+    from mlxtune import models
+    from mlxtune.config import ModelConfig
+    from mlxtune.memory import weights
+    from mlxtune.memory.shapes import resolve
+
+    m = ModelConfig(path=str(tiny_quantized_model_dir))
+    planned = weights.base_weights(resolve(m), m, 4)
+    assert {w.format.label() for w in planned if w.kind != "vector"} == {"affine 4-bit/g32"}
+    assert sum(w.nbytes for w in planned) == _resident(models.load(m).model)
+    # a request to quantize an already quantized base is ignored, as the loader does
+    m2 = ModelConfig(path=str(tiny_quantized_model_dir))
+    from mlxtune.config import QuantizeConfig
+
+    m2.quantize = QuantizeConfig(format="nf4")
+    assert weights.base_weights(resolve(m2), m2, 4) == planned
+
+
+def test_mixed_gguf_is_planned_tensor_by_tensor(tmp_path):
+    from gguf import GGMLQuantizationType as T
+
+    from mlxtune import models
+    from mlxtune.config import ModelConfig
+    from mlxtune.memory import weights
+    from mlxtune.memory.shapes import resolve
+    from tiny import build_model, byte_level_tokenizer, model_args
+    from tiny_gguf import write_gguf
+
+    args = model_args("llama", hidden_size=256, intermediate_size=512,
+                      num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / "mixed.gguf"
+    types = {"q_proj": T.Q4_K, "k_proj": T.Q5_K, "v_proj": T.Q8_0, "o_proj": T.Q4_0,
+             "down_proj": T.Q6_K, "gate_proj": T.Q5_0, "up_proj": T.F16,
+             "embed_tokens": T.Q4_1}
+    write_gguf(path, build_model(args), args, byte_level_tokenizer(), types=types)
+    m = ModelConfig(path=str(path))
+    s = resolve(m)
+    assert {t.type for t in s.tensors} >= {"Q4_K", "Q5_K", "Q8_0", "Q4_0", "Q6_K", "Q5_0",
+                                           "F16", "Q4_1", "F32"}
+    planned = weights.base_weights(s, m, 4)
+    labels = weights.summary(planned)
+    assert {"affine 4-bit/g32", "affine 5-bit/g32", "affine 8-bit/g32", "q6_k",
+            "dense"} <= set(labels)
+    assert sum(w.nbytes for w in planned) == _resident(models.load(m).model)
+
+
+# ------------------------------------------------------------------------------ adapter
+
+
+def test_adapter_gradient_and_optimizer_items(tiny_model_dir):
+    from mlxtune import adapters, models
+    from mlxtune.memory.estimate import estimate, workload
+    from mlxtune.memory.shapes import resolve
+
+    for targets, layers in (([], -1), (["q_proj", "v_proj"], 1)):
+        cfg = make_cfg(str(tiny_model_dir), adapter={"rank": 4, "targets": targets,
+                                                     "layers": layers})
+        w = workload(cfg, resolve(cfg.model), "cpu")
+        loaded = models.load(cfg.model)
+        adapters.apply_lora(loaded.model, cfg.adapter)
+        trainable = adapters.parameter_counts(loaded.model)[0]
+        assert w.lora_parameters == trainable
+        items = estimate(w).items
+        assert items["LoRA adapter"] == 4 * trainable
+        assert items["gradients"] == 4 * trainable
+        assert items["optimizer state"] == 2 * 4 * trainable  # Adam: two states
+    s = shape()
+    sgd = make_cfg("x", train={"optimizer": "sgd", "momentum": 0.0, "grad_accumulation": 2})
+    w = workload(sgd, s, "metal")
+    items = estimate(w).items
+    assert items["optimizer state"] == 0
+    assert items["gradients"] == 2 * 2 * w.lora_parameters  # accumulated + micro, bf16
+    with pytest.raises(Exception, match="'wq' is not a linear layer"):
+        workload(make_cfg("x", adapter={"targets": ["wq"]}), s, "cpu")
+
+
+# ------------------------------------------------------------------------------ activations
+
+
+def test_rows_positions_dtype_and_ranks():
+    from mlxtune.errors import ConfigError
+    from mlxtune.memory.estimate import workload
+
+    s = shape()
+    cfg = make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 100},
+                   train={"batch_size": 4})
+    w = workload(cfg, s, "metal")
+    assert (w.rows, w.width, w.positions, w.dtype) == (4, 128, 127, "bfloat16")
+    assert workload(cfg, s, "cpu").dtype == "float32"
+    assert workload(make_cfg("x", model={"path": "x", "dtype": "float16"}), s,
+                    "cpu").dtype == "float16"
+    assert workload(cfg, s, "metal", ranks=2).rows == 2
+    with pytest.raises(ConfigError, match="not divisible by 3 ranks"):
+        workload(cfg, s, "metal", ranks=3)
+    dpo = make_cfg("x", objective={"type": "dpo"}, train={"batch_size": 4})
+    w = workload(dpo, s, "metal", ranks=2)
+    assert w.rows == 4 and w.reference_pass  # 2 pairs per rank = 4 rows
+
+
+def test_activation_items_scale_as_they_should():
+    from mlxtune.memory.estimate import estimate, features, workload
+
+    s = shape(num_layers=8)
+
+    def items(**train):
+        cfg = make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256},
+                       train={"batch_size": 2, **train})
+        return estimate(workload(cfg, s, "metal")).items
+
+    one, two = items(), items(batch_size=4)
+    for k in ("activations", "attention", "logits and loss"):
+        assert two[k] == pytest.approx(2 * one[k], rel=0.02), k  # linear in the batch
+    assert two["base weights"] == one["base weights"]
+    ck = items(grad_checkpoint=True)
+    assert ck["activations"] < 0.5 * one["activations"]
+    assert ck["logits and loss"] == one["logits and loss"]
+    # Only the adapted blocks keep activations: the last 2 of 8.
+    last2 = make_cfg("x", adapter={"layers": 2}, data={"train": "x.jsonl",
+                                                       "max_seq_len": 256},
+                     train={"batch_size": 2})
+    f_all = features(workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256},
+                                       train={"batch_size": 2}), s, "metal"))
+    f_two = features(workload(last2, s, "metal"))
+    assert f_two["saved_ffn"] == pytest.approx(f_all["saved_ffn"] / 4)
+    # bfloat16 on a Mac: half the bytes of float32 for the fitted arrays
+    cfg = make_cfg("x", model={"path": "x", "dtype": "float32"},
+                   data={"train": "x.jsonl", "max_seq_len": 256})
+    f32 = features(workload(cfg, s, "metal"))
+    bf16 = features(workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256}),
+                             s, "metal"))
+    assert bf16["saved_d"] == pytest.approx(f32["saved_d"] / 2)
+    assert bf16["logits"] == f32["logits"]  # the loss is computed in float32 either way
+
+
+def test_attention_scores_materialised_blockwise_or_fused():
+    from mlxtune.memory.estimate import estimate, workload
+
+    s = shape()
+    cfg = make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256})  # 255 positions
+    mac = workload(cfg, s, "metal")
+    assert mac.score_columns == 255  # every query against every key
+    cpu = workload(cfg, s, "cpu")
+    try:
+        from mlxtune import attention
+    except ImportError:
+        attention = None
+    if attention is not None and attention.BLOCK == 128:
+        # a block of 128 queries sees 128 keys, the next 127 queries see 255
+        assert cpu.score_columns == pytest.approx((128 * 128 + 127 * 255) / 255)
+    fused = workload(cfg, s, "metal", attention="fused")
+    assert fused.score_columns == 0 and estimate(fused).items["attention"] == 0
+    # MLX's causal mask when materialised: positions^2 booleans
+    assert estimate(mac).items["attention"] > 255 * 255
+
+
+def test_logits_full_or_chunked_and_the_packing_mask():
+    from mlxtune.memory.estimate import estimate, features, workload
+
+    s = shape(vocab_size=1000)
+    small = workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 512},
+                              train={"batch_size": 4, "loss_chunk": 2048}), s, "cpu")
+    assert small.tokens == 4 * 511 and not small.chunked
+    assert features(small)["logits"] == 4 * 511 * 1000 * 4  # float32
+    big = workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 1024},
+                            train={"batch_size": 4}), s, "cpu")
+    assert big.chunked and features(big)["logits_chunked"] == 4 * 1023 * 1000 * 4
+    never = workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 1024},
+                              train={"batch_size": 4, "loss_chunk": 0}), s, "cpu")
+    assert not never.chunked
+    packed = workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256,
+                                          "packing": True}, train={"batch_size": 3}), s, "cpu")
+    assert estimate(packed).items["packing mask"] == 3 * 255 * 255
+    dpo = workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256,
+                                       "packing": True},
+                            objective={"type": "orpo"}), s, "cpu")
+    assert not dpo.packed  # preference pairs are never packed
+
+
+def test_dequantization_transients_only_on_the_cpu_path():
+    from mlxtune.memory.estimate import estimate, workload
+
+    s = shape(hidden_size=256, intermediate_size=512, num_heads=4, head_dim=64,
+              vocab_size=1024)
+    cfg = make_cfg("x", model={"path": "x", "quantize": {"format": "affine", "bits": 4,
+                                                         "group_size": 64}})
+    assert estimate(workload(cfg, s, "cpu")).items["dequantization (CPU)"] > 0
+    assert estimate(workload(cfg, s, "metal")).items["dequantization (CPU)"] == 0
+    assert estimate(workload(make_cfg("x"), s, "cpu")).items["dequantization (CPU)"] == 0
+
+
+def test_reference_pass_for_dpo_only():
+    from mlxtune.memory.estimate import estimate, workload
+
+    s = shape()
+    b = estimate(workload(make_cfg("x", objective={"type": "dpo"}), s, "cpu"))
+    assert b.reference_pass is not None and b.peak >= sum(b.items.values())
+    assert estimate(workload(make_cfg("x", objective={"type": "orpo"}), s,
+                             "cpu")).reference_pass is None
+
+
+# ------------------------------------------------------------------------------ tiers
+
+
+def test_tiers_usable_memory_and_verdicts():
+    from mlxtune.memory import tiers
+
+    t = {m.name: m for m in tiers.tiers()}
+    assert t["32"].usable_bytes == int(32 * 2**30 * 2 / 3)
+    assert t["64"].usable_bytes == int(64 * 2**30 * 3 / 4)
+    assert t["128"].usable_bytes == 96 * 2**30
+    assert all(m.backend == "metal" for m in t.values())
+    assert tiers.verdict(90, 100) == "fits"
+    assert tiers.verdict(90.1, 100) == "tight"
+    assert tiers.verdict(100, 100) == "tight"
+    assert tiers.verdict(100.1, 100) == "no"
+    here = tiers.this_machine()
+    import mlx.core as mx
+
+    from mlxtune import backend
+
+    if backend.name() == "cpu":
+        assert here.usable_bytes == mx.get_memory_limit()
+    assert tiers.this_machine(12.5).usable_bytes == 12_500_000_000
+
+
+def test_plan_json_and_hints_that_do_fit():
+    from mlxtune import memory
+    from mlxtune.memory import tiers
+
+    cfg = make_cfg(LLAMA8B, data={"train": "x.jsonl", "max_seq_len": 2048},
+                   train={"batch_size": 2})
+    plan = memory.plan(cfg, usable_gb=16)
+    d = plan.to_dict()
+    assert set(d["tiers"]) == {"32", "64", "128"}
+    assert set(d["tiers"].values()) <= {"fits", "tight", "no"}
+    assert d["peak_gb"] == pytest.approx(sum(d["breakdown"].values()), abs=0.01)
+    assert d["compute_dtype"] == "bfloat16" and d["model"]["parameters"] == 8_030_261_248
+    json.dumps(d)
+    for f in plan.tiers + [plan.here]:
+        assert f.verdict == tiers.verdict(f.breakdown.peak, f.machine.usable_bytes)
+        for h in f.hints:  # every hint, applied, makes the plan fit that machine
+            changes = dict([(h.key, h.value)])
+            if h.key == "train.batch_size":
+                b = h.value // plan.ranks
+                changes["train.grad_accumulation"] = -(-2 // b)
+            applied = memory.fit(memory.with_changes(cfg, changes), f.machine, plan.shape,
+                                 with_hints=False)
+            if "together" not in h.text:
+                assert applied.verdict == "fits", h.text
+    assert plan.tiers[0].verdict == "no" and plan.tiers[0].hint is not None
+
+
+def test_editing_one_knob_flips_a_verdict():
+    from mlxtune import memory
+
+    def verdict32(**train):
+        cfg = make_cfg(LLAMA8B, data={"train": "x.jsonl", "max_seq_len": 2048},
+                       train={"batch_size": 1, **train},
+                       model={"path": LLAMA8B, "quantize": {"format": "affine", "bits": 4}})
+        return memory.plan(cfg, usable_gb=100).tiers[0].verdict
+
+    assert verdict32() != "fits"
+    assert verdict32(grad_checkpoint=True) == "fits"
+
+
+# ------------------------------------------------------------------------------ CLI, run
+
+
+def test_plan_command_json_and_text(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "c", "model": {"path": LLAMA8B},
+                                   "data": {"train": "t.jsonl", "max_seq_len": 1024}}))
+    out = subprocess.run([sys.executable, "-m", "mlxtune", "plan", str(cfg), "--json",
+                          "--set", "train.batch_size=2", "--ranks", "2"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert {"peak_gb", "breakdown", "tiers"} <= set(d) and d["ranks"] == 2
+    assert all(isinstance(v, float) for v in d["breakdown"].values())
+    text = subprocess.run([sys.executable, "-m", "mlxtune", "plan", str(cfg)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert text.returncode == 0 and "32 GB Mac" in text.stdout and "this machine" in text.stdout
+    bad = subprocess.run([sys.executable, "-m", "mlxtune", "plan", str(cfg), "--set",
+                          "train.batch_size=3", "--ranks", "2"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "not divisible by 2 ranks" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_run_refuses_a_plan_that_does_not_fit_and_can_be_told_to_try(tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "hello"}])
+    cfg = tmp_path / "big.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "big", "model": {"path":
+                                                            "meta-llama/Llama-3.1-70B-Instruct"},
+                                   "data": {"train": "t.jsonl", "max_seq_len": 4096}}))
+    out = subprocess.run([sys.executable, "-m", "mlxtune", "run", str(cfg), "--run-dir",
+                          str(tmp_path / "r")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2, out.stderr
+    line = out.stderr.strip()
+    assert "\n" not in line and "predicted peak" in line and "--ignore-memory-plan" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_start_event_carries_the_planned_peak(tmp_path, tiny_model_dir):
+    from mlxtune import config
+    from mlxtune.run import run
+    from mlxtune.train.events import read_events
+
+    rows = [{"messages": [{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "alpha beta " * 40}]}
+            for _ in range(8)]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "c", "model": {"path": str(tiny_model_dir)}, "adapter": {"rank": 4},
+        "data": {"train": "t.jsonl", "max_seq_len": 64, "packing": False},
+        "train": {"iters": 3, "batch_size": 4, "eval_every": 0, "save_every": 0,
+                  "log_every": 1}, "eval": {"auto": False}}))
+    run_dir, _ = run(config.load(path), tmp_path / "run", quiet=True, evaluate=False)
+    events = read_events(run_dir)
+    planned = events[0]["planned_peak_gb"]
+    measured = max(e["peak_memory_gb"] for e in events if e["event"] == "train")
+    assert isinstance(planned, float) and planned > 0
+    assert math.isclose(planned, measured, rel_tol=0.25), (planned, measured)

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxtune import backend, quant
+from mlxtune import attention, backend, quant
 from mlxtune.config import ModelConfig
 from mlxtune.errors import ModelError
 
@@ -144,6 +144,7 @@ def load(cfg: ModelConfig) -> LoadedModel:
         source = Source(source.kind, str(folder), source.given)
 
     prepare(model, config, cfg)
+    attention.install(model)  # blockwise causal attention on the CPU backend
     return LoadedModel(model, tokenizer, config, source)
 
 

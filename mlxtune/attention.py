@@ -1,0 +1,100 @@
+"""Causal attention in query blocks, for the CPU backend.
+
+On Metal and CUDA, `mx.fast.scaled_dot_product_attention` is a fused kernel. On the CPU
+backend it is composed of plain ops over the whole [L x L] score matrix of every head:
+the mask, the softmax (one `exp` per score, the single most expensive op of a long-sequence
+training step there) and, for the backward pass, the scores and probabilities of every
+layer kept alive (most of the memory of a long-sequence step).
+
+`blockwise_attention` computes the same function a block of queries at a time, each block
+against only the keys it can see (keys 0..end of the block), so the upper triangle of the
+score matrix is never computed, masked, exponentiated or kept: about half the softmax work
+and half the saved probabilities, and no mask outside the diagonal blocks' columns.
+
+`install(model)` routes the attention of mlx_lm models that use
+`mlx_lm.models.base.scaled_dot_product_attention` through it on the CPU backend. mlx_lm's
+model modules import that function by name, so the name is replaced in the model's own
+module; the architecture code is untouched. Cases the blockwise form does not cover (decoding
+against a KV cache with fewer queries than keys, quantized caches, attention sinks, short
+sequences) go to the original function. Architectures with their own attention code
+(Gemma 2's soft-capped scores) are left as they are.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxtune import backend
+
+BLOCK = 128  # queries per block: smaller wastes less of the diagonal blocks, larger makes
+             # fewer, bigger matmuls; 128 measured best at L = 1024 here (docs/performance.md)
+
+
+def blockwise_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask,
+                        block: int = BLOCK) -> mx.array:
+    """softmax(q k^T * scale + mask) v for q [B, H, L, D], k / v [B, Hkv, L, Dv] (H a
+    multiple of Hkv), mask None, "causal", or an array broadcastable to [B, H, L, L]
+    (bool: True = attend; else additive). Causal whenever mask is "causal"; an array mask
+    is applied as given, and keys after a block's last query are never read, so the mask
+    must itself be causal (mlx_lm's masks for training are)."""
+    b, h, length, d = q.shape
+    hk = k.shape[1]
+    rep = h // hk
+    # Grouped-query attention without repeating the keys: [B, Hkv, rep, L, D].
+    qg = q.reshape(b, hk, rep, length, d) * mx.array(scale, q.dtype)
+    kg, vg = k[:, :, None], v[:, :, None]
+    if isinstance(mask, mx.array) and mask.ndim == 4:  # [B, 1 or H, L, L] -> grouped
+        per_head = mask.shape[1] == h
+        mask = mask.reshape(mask.shape[0], hk if per_head else 1, rep if per_head else 1,
+                            *mask.shape[2:])
+    outs = []
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        scores = qg[..., start:end, :] @ kg[..., :end, :].swapaxes(-1, -2)
+        if isinstance(mask, str):
+            keep = mx.arange(end)[None, :] <= mx.arange(start, end)[:, None]
+            scores = mx.where(keep, scores, mx.array(-mx.inf, scores.dtype))
+        elif mask is not None:
+            part = mask[..., start:end, :end]
+            if part.dtype == mx.bool_:
+                scores = mx.where(part, scores, mx.array(-mx.inf, scores.dtype))
+            else:
+                scores = scores + part.astype(scores.dtype)
+        probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(vg.dtype)
+        outs.append(probs @ vg[..., :end, :])
+    return mx.concatenate(outs, axis=-2).reshape(b, h, length, v.shape[-1])
+
+
+def _applies(queries, keys, cache, mask, sinks) -> bool:
+    return (sinks is None and not hasattr(cache, "bits")
+            and queries.shape[-2] == keys.shape[-2] > BLOCK
+            and (mask == "causal" if isinstance(mask, str) else isinstance(mask, mx.array)))
+
+
+def _routed(original):
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None,
+                                     **kwargs):
+        if not kwargs and backend.name() == "cpu" and _applies(queries, keys, cache, mask,
+                                                                sinks):
+            return blockwise_attention(queries, keys, values, scale, mask, BLOCK)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask,
+                        sinks=sinks, **kwargs)
+
+    scaled_dot_product_attention._mlxtune_original = original
+    return scaled_dot_product_attention
+
+
+def install(model: nn.Module) -> bool:
+    """Route `model`'s attention through blockwise_attention on the CPU backend (a no-op
+    elsewhere: the decision is taken per call). Returns whether the model's module uses
+    mlx_lm's shared attention function (and so is covered)."""
+    module = sys.modules.get(type(model).__module__)
+    fn = getattr(module, "scaled_dot_product_attention", None)
+    if fn is None:
+        return False
+    if not hasattr(fn, "_mlxtune_original"):
+        module.scaled_dot_product_attention = _routed(fn)
+    return True

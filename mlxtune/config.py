@@ -135,6 +135,10 @@ class TrainConfig:
     # pass so the [positions x vocab] logits are never held whole; batches with fewer
     # positions compute it in one piece. 0: never chunk.
     loss_chunk: int = field(default=2048, metadata={"min": 0})
+    # A batch whose rows x padded length exceed this many tokens runs as several
+    # micro-batches of whole rows, their gradients summed before the one update: the same
+    # step in less memory (activations scale with the tokens of one micro-batch). None: never.
+    max_batch_tokens: Optional[int] = field(default=None, metadata={"min": 1})
     compile: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 

@@ -430,6 +430,22 @@ def test_precompute_reference_gives_the_same_run_and_is_reused_on_resume(dpo_wor
         assert e["loss"] == pytest.approx(fly_trains[e["step"]]["loss"], rel=1e-4)
 
 
+def test_micro_batches_of_pairs_give_the_same_run(dpo_workdir, capsys):
+    """train.max_batch_tokens splits a batch of pairs into micro-batches (each pair's two
+    rows and reference values together): the same losses and adapter."""
+    _, whole = run_events(dpo_workdir, "whole", "train.iters=2", capsys=capsys)
+    run_dir, split = run_events(dpo_workdir, "split", "train.iters=2",
+                                "train.max_batch_tokens=1", capsys=capsys)
+    for a, b in zip([e for e in whole if e["event"] in ("train", "val")],
+                    [e for e in split if e["event"] in ("train", "val")]):
+        for k in ("loss", *TRL_METRICS):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    one = mx.load(str(dpo_workdir / "whole" / "adapters" / "adapters.safetensors"))
+    two = mx.load(str(run_dir / "adapters" / "adapters.safetensors"))
+    for k in one:
+        np.testing.assert_allclose(np.array(two[k]), np.array(one[k]), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["orpo", "simpo"])
 def test_reference_free_objectives_train(dpo_workdir, capsys, kind):
     run_dir, events = run_events(dpo_workdir, kind, f"objective.type={kind}",

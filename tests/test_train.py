@@ -198,7 +198,7 @@ def test_grad_accumulation_equals_bigger_batch(workdir, capsys):
 
 
 @pytest.mark.parametrize("option", [{"grad_checkpoint": True}, {"compile": False},
-                                    {"loss_chunk": 7}])
+                                    {"loss_chunk": 7}, {"max_batch_tokens": 1}])
 def test_checkpointing_and_compile_do_not_change_results(workdir, capsys, option):
     runs = {}
     for name, extra in {"plain": {}, "variant": option}.items():

@@ -101,6 +101,22 @@ def _checkpointed_class(cls: type) -> type:
     return _CHECKPOINTED[cls]
 
 
+def split_rows(batch: tuple, max_tokens: int | None, pairs: bool = False) -> list[tuple]:
+    """train.max_batch_tokens: a batch (arrays with rows first) as micro-batches of whole
+    rows of at most max_tokens padded tokens each (at least one row). Preference batches
+    keep each pair's chosen and rejected rows (and the pair's reference values) together."""
+    rows, length = batch[0].shape
+    if not max_tokens or rows * length <= max_tokens:
+        return [batch]
+    step = max(1, max_tokens // length)
+    if pairs:  # every array's rows are [chosen of each pair..., rejected of each pair...]
+        n, step = rows // 2, max(1, step // 2)
+        return [tuple(a[mx.concatenate([mx.arange(i, min(i + step, n)),
+                                        mx.arange(n + i, n + min(i + step, n))])]
+                      for a in batch) for i in range(0, n, step)]
+    return [tuple(a[i:i + step] for a in batch) for i in range(0, rows, step)]
+
+
 class Trainer:
     def __init__(self, model: nn.Module, adapter_config: dict, cfg: Config,
                  train_set: list, valid_set: list, run_dir: Path, events: EventWriter,
@@ -201,9 +217,12 @@ class Trainer:
         # The RNG (LoRA dropout) is a function of (seed, step): resuming needs no RNG file.
         mx.random.seed(step_seed(self.cfg.train.seed, self.pos.step + 1, world.rank))
         total_loss, total_weight, total_tok, metrics, grads = 0.0, 0.0, 0, {}, None
-        for _ in range(accum):
-            batch, real = self._next_batch()
-            if accum == 1 and world.size == 1:
+        parts_of = [self._next_batch() for _ in range(accum)]
+        parts_of = [(part, real) for batch, real in parts_of
+                    for part in split_rows(batch, self.cfg.train.max_batch_tokens,
+                                           self.preference)]
+        for batch, real in parts_of:
+            if len(parts_of) == 1 and world.size == 1:
                 loss_sum, weight, m, _ = fused(*batch)
                 mx.eval(loss_sum, weight, m, self.model.state)
             else:
@@ -231,7 +250,7 @@ class Trainer:
             self._signalled = signalled > 0
             metrics = dict(zip(keys, sums[4:]))
             grads = world.sum_tree(grads)
-        if accum > 1 or world.size > 1:
+        if len(parts_of) > 1 or world.size > 1:
             mx.eval(finish(grads, mx.array(max(total_weight, 1), mx.float32)), self.model.state)
         return total_loss, total_weight, total_tok, metrics
 

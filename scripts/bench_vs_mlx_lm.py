@@ -18,7 +18,8 @@ Model FLOPs of a LoRA step are forward + the backward pass for the activations (
 forward FLOPs of the frozen base: no weight gradients) plus the adapters' own forward and
 backward; averaged over the data set per loss-bearing token.
 
-    .venv/bin/python scripts/bench_vs_mlx_lm.py --steps 8 --out docs/bench_vs_mlx_lm.json
+    .venv/bin/python scripts/bench_vs_mlx_lm.py --steps 8 --variant default \
+        --variant mbt2048:train.max_batch_tokens=2048 --out docs/bench_vs_mlx_lm.json
 """
 
 from __future__ import annotations
@@ -99,9 +100,10 @@ def run_mlx_lm(model: Path, data: Path, steps: int, work: Path, system_blas: boo
             "adapter": str(adapters), "wall_sec": time.perf_counter() - start}
 
 
-def run_mlxtune(model: Path, data: Path, steps: int, work: Path, overrides: list[str]) -> dict:
-    run_dir = work / "mlxtune-run"
-    config = work / "mlxtune.yaml"
+def run_mlxtune(model: Path, data: Path, steps: int, work: Path, overrides: list[str],
+                name: str) -> dict:
+    run_dir = work / f"mlxtune-{name}"
+    config = work / f"mlxtune-{name}.yaml"
     config.write_text(yaml.safe_dump({
         "name": "bench", "model": {"path": str(model)},
         "adapter": {"rank": RANK, "alpha": RANK * SCALE,
@@ -120,7 +122,7 @@ def run_mlxtune(model: Path, data: Path, steps: int, work: Path, overrides: list
     train = [e for e in events if e["event"] == "train"]
     first, last = train[0], train[-1]
     start_event = next(e for e in events if e["event"] == "start")
-    return {"tool": "mlxtune", "overrides": overrides, "packing": start_event.get("packing"),
+    return {"tool": f"mlxtune {name}", "overrides": overrides, "packing": start_event.get("packing"),
             "loss_tokens_per_sec": (last["tokens"] - first["tokens"]) / (last["time"] - first["time"]),
             "sec_per_step": (last["time"] - first["time"]) / (last["step"] - first["step"]),
             "peak_memory_gb": max(e["peak_memory_gb"] for e in train),
@@ -208,8 +210,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--examples", type=int, default=600)
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   help="extra mlxtune config overrides, e.g. train.grad_checkpoint=true")
+    p.add_argument("--variant", dest="variants", action="append", default=[],
+                   metavar="NAME[:KEY=VALUE,...]",
+                   help="an mlxtune run with these config overrides (repeatable), e.g. "
+                        "'mbt2048:train.max_batch_tokens=2048'; default: one run, 'default'")
     p.add_argument("--mlx-lm-bundled-blas", action="store_true")
     p.add_argument("--skip-mlx-lm", action="store_true")
     p.add_argument("--out", type=Path)
@@ -226,7 +230,10 @@ def main() -> None:
         rows = []
         if not args.skip_mlx_lm:
             rows.append(run_mlx_lm(dense, data, args.steps, work, not args.mlx_lm_bundled_blas))
-        rows.append(run_mlxtune(dense, data, args.steps, work, args.overrides))
+        for variant in args.variants or ["default"]:
+            name, _, sets = variant.partition(":")
+            rows.append(run_mlxtune(dense, data, args.steps, work,
+                                    [x for x in sets.split(",") if x], name))
         for r in rows:
             adapter = Path(r.pop("adapter"))
             r["held_out_loss"] = held_out_loss(dense, data, adapter)
@@ -234,16 +241,18 @@ def main() -> None:
 
     print(f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per "
           "loss-bearing token")
-    print(f"{'tool':<8} {'tok/s':>7} {'s/step':>7} {'peak GB':>8} {'tokens':>7} "
+    print(f"{'tool':<20} {'tok/s':>7} {'s/step':>7} {'peak GB':>8} {'tokens':>7} "
           f"{'held-out':>9} {'MFU':>6}")
     for r in rows:
-        print(f"{r['tool']:<8} {r['loss_tokens_per_sec']:>7.1f} {r['sec_per_step']:>7.1f} "
+        print(f"{r['tool']:<20} {r['loss_tokens_per_sec']:>7.1f} {r['sec_per_step']:>7.1f} "
               f"{r['peak_memory_gb']:>8.2f} {r['tokens_trained']:>7} {r['held_out_loss']:>9.4f} "
               f"{r['mfu']:>6.1%}")
-    if len(rows) == 2:
-        a, b = rows
-        print(f"mlxtune / mlx-lm: {b['loss_tokens_per_sec'] / a['loss_tokens_per_sec']:.2f}x "
-              f"tokens/s, {b['peak_memory_gb'] / a['peak_memory_gb']:.2f}x peak memory")
+    if not args.skip_mlx_lm:
+        a = rows[0]
+        for b in rows[1:]:
+            print(f"{b['tool']} / mlx-lm: "
+                  f"{b['loss_tokens_per_sec'] / a['loss_tokens_per_sec']:.2f}x tokens/s, "
+                  f"{b['peak_memory_gb'] / a['peak_memory_gb']:.2f}x peak memory")
     if args.out:
         args.out.write_text(json.dumps({"matmul_flops": peak_flops,
                                         "flops_per_loss_token": per_token, "rows": rows},

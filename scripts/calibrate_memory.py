@@ -96,6 +96,16 @@ def fit_grid() -> list[dict]:
         set={"train.grad_checkpoint": True})
     add("chunked4-2l", tiny(), seq=1024, batch=8)
     add("nf4-6l", tiny(num_hidden_layers=6), set={"model.quantize": {"format": "nf4"}})
+    for layers in (4, 12):  # dequantized copies of many layers (the CPU path)
+        add(f"q4-medium-{layers}l", {"tiny": {**MEDIUM, "num_hidden_layers": layers}},
+            batch=2, set={"model.quantize": {"format": "affine", "bits": 4, "group_size": 64}})
+    for layers in (4, 12):
+        add(f"q4-medium-ckpt-{layers}l", {"tiny": {**MEDIUM, "num_hidden_layers": layers}},
+            batch=2, set={"model.quantize": {"format": "affine", "bits": 4, "group_size": 64},
+                          "train.grad_checkpoint": True})
+    add("q4-medium-seq1024-4l", {"tiny": {**MEDIUM, "num_hidden_layers": 4}}, batch=1,
+        seq=1024, set={"model.quantize": {"format": "affine", "bits": 4, "group_size": 64}})
+    add("nf4-medium-12l", {"tiny": MEDIUM}, batch=2, set={"model.quantize": {"format": "nf4"}})
     add("dpo-6l", tiny(num_hidden_layers=6), batch=2, data="pref", set={"objective.type": "dpo"})
     add("orpo-6l", tiny(num_hidden_layers=6), batch=2, data="pref",
         set={"objective.type": "orpo"})
@@ -117,12 +127,15 @@ def check_grid() -> list[dict]:
                                            "set": {"adapter.rank": 16}}),
         ("smollm2-gguf-ckpt-seq1024", smol, {"seq": 1024, "batch": 2,
                                              "set": {"train.grad_checkpoint": True}}),
-        ("smollm2-gguf-chunked", smol, {"seq": 1024, "batch": 4}),
+        ("smollm2-gguf-chunked", smol, {"seq": 1024, "batch": 2,
+                                        "set": {"train.loss_chunk": 1024}}),
         ("smollm2-gguf-dpo", smol, {"seq": 256, "batch": 2, "data": "pref",
                                     "set": {"objective.type": "dpo"}}),
         ("smollm2-gguf-qv-r64-accum2", smol, {"seq": 512, "batch": 4, "set": {
             "adapter.targets": ["q_proj", "v_proj"], "adapter.rank": 64,
             "train.grad_accumulation": 2}}),
+        ("smollm2-gguf-microbatches", smol, {"seq": 512, "batch": 4, "set": {
+            "train.max_batch_tokens": 1024}}),
         ("smollm2-dense-sft", dense, {"seq": 512, "batch": 2}),
         ("smollm2-affine4", dense, {"seq": 512, "batch": 2, "set": {
             "model.quantize": {"format": "affine", "bits": 4, "group_size": 64}}}),
@@ -366,7 +379,7 @@ def fit(entries: list[dict], measured: dict) -> dict:
     loads = {e["name"]: workload_of(e) for e in entries}
     for e in entries:
         w = loads[e["name"]]
-        if w.reference_pass or (w.backend == "cpu" and w.compute_bytes == 2):
+        if w.backend == "cpu" and w.compute_bytes == 2:
             continue  # fitted below
         f = features(w, coef)
         m = measured[e["name"]]["peak_gb"] * 1e9
@@ -468,9 +481,12 @@ def describe(spec: dict) -> str:
     if q:
         parts.append("nf4" if q["format"] == "nf4" else f"{q['format']} {q['bits']}-bit")
     for key, label in (("adapter.rank", "r{}"), ("train.grad_accumulation", "accum {}"),
+                       ("train.loss_chunk", "loss chunk {}"),
                        ("model.dtype", "{}"), ("adapter.layers", "last {} layers")):
         if key in s:
             parts.append(label.format(s[key]))
+    if "train.max_batch_tokens" in s:
+        parts.append(f"micro-batches of {s['train.max_batch_tokens']} tokens")
     if s.get("train.grad_checkpoint"):
         parts.append("ckpt")
     if s.get("data.packing"):
@@ -484,6 +500,7 @@ def report(entries: list[dict], measured: dict, env: dict) -> tuple[str, dict]:
     from mlxtune.memory import calibration
 
     rows, errors = [], {"fit": [], "check": []}
+    entries = sorted(entries, key=lambda e: e["part"] != "check")  # held-out rows first
     for e in entries:
         if e["name"] not in measured:
             continue
@@ -512,6 +529,11 @@ def report(entries: list[dict], measured: dict, env: dict) -> tuple[str, dict]:
                          f"{s['worst'][0]:.1%} ({s['worst'][1]}), mean |error| "
                          f"{s['mean_abs']:.1%}")
     lines += [""] + head + rows
+    lines += ["", "The fitted counts (mlxtune/memory/calibration.py; each multiplies one "
+              "array of its kind, `framework` is in MB):", "",
+              "| " + " | ".join(calibration.COEFFICIENTS) + " |",
+              "|" + "---|" * len(calibration.COEFFICIENTS),
+              "| " + " | ".join(f"{v:g}" for v in calibration.COEFFICIENTS.values()) + " |"]
     return "\n".join(lines), summary
 
 
@@ -531,45 +553,56 @@ def write_doc(table: str) -> None:
 # ---------------------------------------------------------------------------- claims
 
 
+CLAIMS = [
+    # (claim, hub id, base, batch, seq, checkpointing, full fine-tuning)
+    ("<=8B LoRA / QLoRA on a 32 GB Mac", "meta-llama/Llama-3.1-8B-Instruct", "bf16", 1, 2048,
+     False, False),
+    ("", "meta-llama/Llama-3.1-8B-Instruct", "bf16", 1, 2048, True, False),
+    ("", "meta-llama/Llama-3.1-8B-Instruct", "4-bit", 1, 2048, False, False),
+    ("", "meta-llama/Llama-3.1-8B-Instruct", "4-bit", 1, 2048, True, False),
+    ("13-34B QLoRA on 64-128 GB", "Qwen/Qwen2.5-14B-Instruct", "4-bit", 1, 2048, True, False),
+    ("", "Qwen/Qwen2.5-32B-Instruct", "4-bit", 1, 2048, False, False),
+    ("", "Qwen/Qwen2.5-32B-Instruct", "4-bit", 1, 2048, True, False),
+    ("70B QLoRA on 128 GB, tight", "meta-llama/Llama-3.3-70B-Instruct", "4-bit", 1, 2048,
+     False, False),
+    ("", "meta-llama/Llama-3.3-70B-Instruct", "4-bit", 1, 2048, True, False),
+    ("", "meta-llama/Llama-3.3-70B-Instruct", "4-bit", 4, 2048, True, False),
+    ("7B full fine-tuning 60+ GB", "mistralai/Mistral-7B-Instruct-v0.3", "bf16", 1, 512, False,
+     True),
+    ("7B LoRA r16 ~16 GB", "mistralai/Mistral-7B-Instruct-v0.3", "bf16", 1, 512, False, False),
+    ("", "mistralai/Mistral-7B-Instruct-v0.3", "bf16", 1, 512, True, False),
+    ("", "mistralai/Mistral-7B-Instruct-v0.3", "bf16", 1, 2048, True, False),
+    ("7B QLoRA ~6 GB", "mistralai/Mistral-7B-Instruct-v0.3", "4-bit", 1, 512, False, False),
+    ("", "mistralai/Mistral-7B-Instruct-v0.3", "4-bit", 1, 512, True, False),
+    ("", "mistralai/Mistral-7B-Instruct-v0.3", "4-bit", 1, 2048, True, False),
+]
+
+
 def claims_table() -> str:
-    """The seeds' claims against the planner, for the README."""
-    from mlxtune import config, memory
-    from mlxtune.memory import catalogue, tiers
+    """The seeds' claims beside the planner's numbers (a Mac: bfloat16, LoRA rank 16 on
+    every linear layer, MLX's materialised attention), as a markdown table."""
+    from mlxtune import config
+    from mlxtune.memory import shapes, tiers
+    from mlxtune.memory.estimate import estimate, workload
 
-    rows = []
-    base = {"name": "claim", "data": {"train": "x.jsonl"}}
-
-    def cfg_for(model, seq, batch, rank=16, quant=None, ckpt=False):
-        raw = json.loads(json.dumps(base))
-        raw["model"] = {"path": model}
-        if quant:
-            raw["model"]["quantize"] = quant
-        raw["adapter"] = {"rank": rank, "alpha": 2 * rank}
-        raw["data"]["max_seq_len"] = seq
-        raw["train"] = {"batch_size": batch, "grad_checkpoint": ckpt}
-        return config.from_dict(raw)
-
-    q4 = {"format": "affine", "bits": 4, "group_size": 64}
-    cases = [
-        ("<=8B LoRA/QLoRA on a 32 GB Mac", "meta-llama/Llama-3.1-8B-Instruct", None, 2048, 1,
-         "32"),
-        ("", "meta-llama/Llama-3.1-8B-Instruct", q4, 2048, 1, "32"),
-        ("13-34B QLoRA on 64-128 GB", "Qwen/Qwen2.5-14B-Instruct", q4, 2048, 1, "64"),
-        ("", "Qwen/Qwen2.5-32B-Instruct", q4, 2048, 1, "64"),
-        ("70B QLoRA on 128 GB, tight", "meta-llama/Llama-3.3-70B-Instruct", q4, 2048, 1, "128"),
-        ("7B LoRA r16 ~16 GB", "mistralai/Mistral-7B-Instruct-v0.3", None, 2048, 1, None),
-        ("7B QLoRA ~6 GB", "mistralai/Mistral-7B-Instruct-v0.3", q4, 2048, 1, None),
-    ]
-    for claim, model, quant, seq, batch, tier in cases:
-        for ckpt in (False, True):
-            cfg = cfg_for(model, seq, batch, quant=quant, ckpt=ckpt)
-            b = memory.estimate_config(cfg, "metal")
-            verdicts = {m.name: tiers.verdict(b.peak, m.usable_bytes) for m in tiers.tiers()}
-            rows.append((claim if not ckpt else "", model.split("/")[1],
-                         "4-bit" if quant else "bf16", f"{batch} x {seq}",
-                         "on" if ckpt else "off", b.peak / 1e9, verdicts))
-    full = catalogue.lookup("mistralai/Mistral-7B-Instruct-v0.3")
-    return rows, full
+    lines = ["| claim | model | base | batch x seq | checkpointing | planned peak (GB) | "
+             "items over 1 GB | 32 | 64 | 128 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for claim, model, base, batch, seq, ckpt, full in CLAIMS:
+        raw = {"name": "claim", "model": {"path": model}, "adapter": {"rank": 16, "alpha": 32},
+               "data": {"train": "x.jsonl", "max_seq_len": seq},
+               "train": {"batch_size": batch, "grad_checkpoint": ckpt}}
+        if base == "4-bit":
+            raw["model"]["quantize"] = {"format": "affine", "bits": 4, "group_size": 64}
+        cfg = config.from_dict(raw)
+        b = estimate(workload(cfg, shapes.resolve(cfg.model), "metal", full_finetune=full))
+        verdicts = [tiers.verdict(b.peak, m.usable_bytes) for m in tiers.tiers()]
+        big = ", ".join(f"{k} {v:.1f}" for k, v in sorted(b.gb().items(), key=lambda kv: -kv[1])
+                        if v >= 1.0)
+        method = "full" if full else base
+        lines.append(f"| {claim} | {model.split('/')[1]} | {method} | {batch} x {seq} | "
+                     f"{'on' if ckpt else 'off'} | {b.peak / 1e9:.1f} | {big} | "
+                     + " | ".join(verdicts) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -581,6 +614,8 @@ def main(argv=None) -> None:
     ap.add_argument("--fit", action="store_true", help="Refit the coefficients from the fit "
                     "part's stored measurements (rewrites mlxtune/memory/calibration.py).")
     ap.add_argument("--report", action="store_true", help="Only rebuild the table.")
+    ap.add_argument("--claims", action="store_true", help="Print the README's table of the "
+                    "seeds' claims against the planner.")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -588,6 +623,9 @@ def main(argv=None) -> None:
         return
     import mlxtune  # noqa: F401
 
+    if args.claims:
+        print(claims_table())
+        return
     entries = [e for e in grid() if args.part in ("all", e["part"])]
     if args.only:
         entries = [e for e in entries if e["name"] in args.only]

@@ -736,3 +736,81 @@ def test_snapshot_runs_view_comparing_two_runs(tmp_path, monkeypatch):
         check_snapshot(app, "runs_view")
 
     run_app(app, body)
+
+
+# ---------------------------------------------------------------------- plan view: memory
+
+
+def write_plan_config(workdir: Path, **train) -> Path:
+    """A config for a model the planner knows offline (its shape is in mlxtune's
+    catalogue); planning loads nothing, so the hub id need not be downloaded."""
+    config = {
+        "name": "llama8b",
+        "model": {"path": "meta-llama/Llama-3.1-8B-Instruct",
+                  "quantize": {"format": "affine", "bits": 4, "group_size": 64}},
+        "adapter": {"rank": 16, "alpha": 32},
+        "data": {"train": "train.jsonl", "max_seq_len": 2048},
+        "train": {"batch_size": 1, **train},
+    }
+    path = workdir / "llama8b.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_plan_view_verdicts_follow_the_knobs(tmp_path):
+    from mlxtune.tui.plan_view import PlanScreen
+
+    config = write_plan_config(tmp_path)
+    app = make_app(config, tmp_path / "runs")
+
+    async def body(pilot):
+        screen = app.screen
+        assert isinstance(screen, PlanScreen)
+        await wait_for(pilot, lambda: screen.plan is not None, what="the plan")
+        first = screen.plan
+        assert first["tiers"]["32"] == "no" and first["tiers"]["128"] == "fits"
+        assert first["tier_details"]["32"]["hint"].startswith("fits with")
+        await pilot.pause(0.2)
+        text = screen_text(app)
+        assert " 32 GB" in text and "here" in text
+        assert "32 GB: train.grad_checkpoint=true" in text  # the hint, under the bars
+
+        table = screen.query_one("#knobs")
+        table.move_cursor(row=_knob_row(screen, "train.grad_checkpoint"))
+        await pilot.press("right")  # checkpointing on: the 32 GB Mac now fits
+        await wait_for(pilot, lambda: screen.plan is not first
+                       and screen.values["train.grad_checkpoint"] is True, what="replan")
+        assert screen.plan["tiers"]["32"] == "fits"
+        assert screen.plan["peak_gb"] < first["peak_gb"]
+        await pilot.pause(0.2)
+        assert "grad_checkpoint=true" not in screen_text(app)  # nothing left to advise
+
+        table.move_cursor(row=_knob_row(screen, "data.max_seq_len"))
+        for _ in range(4):  # 2048 -> 32768: too long for any tier
+            await pilot.press("right")
+        await wait_for(pilot, lambda: screen.values["data.max_seq_len"] == 32768
+                       and screen.plan["tiers"]["128"] != "fits", what="longer rows")
+        assert screen.plan["tiers"]["32"] == "no"
+
+        table.move_cursor(row=_knob_row(screen, "model.quantize"))
+        await pilot.press("left")  # back to the stored (bf16) weights: heavier still
+        await wait_for(pilot, lambda: screen.values["model.quantize"] == "as stored",
+                       what="bf16 base")
+        await wait_for(pilot, lambda: screen.plan["breakdown"]["base weights"] > 15,
+                       what="replan")
+
+    run_app(app, body)
+
+
+def test_snapshot_plan_view(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_plan_config(tmp_path)
+    app = make_app(Path("llama8b.yaml"), Path("runs"))
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: app.screen.plan is not None, what="the plan")
+        await pilot.pause(0.3)
+        assert "memory per tier" in screen_text(app)
+        check_snapshot(app, "plan_view")
+
+    run_app(app, body)

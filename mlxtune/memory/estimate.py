@@ -75,6 +75,9 @@ class Workload:
     optimizer_states: int = 2
     grad_accumulation: int = 1
     attention: str = "materialised"
+    # Every weight trainable instead of LoRA: not something mlxtune trains, planned for
+    # comparison (the README's table of claims) only.
+    full_finetune: bool = False
     notes: tuple = field(default=(), compare=False)
 
     @property
@@ -101,7 +104,15 @@ class Workload:
 
     @property
     def lora_parameters(self) -> int:
+        if self.full_finetune:
+            return 0
         return self.adapted_layers * sum((i + o) * self.rank for _, i, o in self.lora_modules)
+
+    @property
+    def trainable_parameters(self) -> int:
+        if self.full_finetune:
+            return sum(w.rows * w.cols for w in self.weights)
+        return self.lora_parameters
 
     @property
     def blockwise(self) -> bool:
@@ -166,8 +177,9 @@ def resolve_targets(shape: ModelShape, targets: list[str]) -> list[tuple[str, in
 
 
 def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
-             attention: str = "materialised") -> Workload:
-    """What one rank computes in one micro-batch of `cfg` (an mlxtune Config)."""
+             attention: str = "materialised", full_finetune: bool = False) -> Workload:
+    """What one rank computes in one micro-batch of `cfg` (an mlxtune Config).
+    `full_finetune` plans every weight as trainable (a comparison; mlxtune trains LoRA)."""
     if ranks < 1:
         raise ConfigError(f"ranks: must be >= 1, got {ranks}")
     batch = cfg.train.batch_size
@@ -184,24 +196,42 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
 
     preference = cfg.objective.type in objectives.PREFERENCE
     width = -(-cfg.data.max_seq_len // PAD_MULTIPLE) * PAD_MULTIPLE
+    t = cfg.train
     n = shape.num_layers
     adapted = n if cfg.adapter.layers == -1 else min(cfg.adapter.layers, n)
-    t = cfg.train
     states = 2 if t.optimizer in ("adam", "adamw") else (1 if t.momentum > 0 else 0)
     notes = []
+    rows = (batch // ranks) * (2 if preference else 1)
+    micro = micro_rows(rows, width, t.max_batch_tokens, preference)
+    if micro < rows:
+        notes.append(f"train.max_batch_tokens={t.max_batch_tokens}: micro-batches of {micro} "
+                     f"of the {rows} rows, gradients summed")
     if cfg.data.packing == "auto" and not preference:
         notes.append("data.packing is auto: decided from the data at run time; planned "
                      "without the packing mask (rows are full either way)")
     return Workload(
         shape=shape,
         weights=tuple(weights_mod.base_weights(shape, cfg.model, DTYPE_BYTES[dtype])),
-        backend=backend, dtype=dtype, rows=(batch // ranks) * (2 if preference else 1),
-        width=width, rank=cfg.adapter.rank,
+        backend=backend, dtype=dtype, rows=micro, width=width, rank=cfg.adapter.rank,
         lora_modules=tuple(resolve_targets(shape, list(cfg.adapter.targets))),
         adapted_layers=adapted, grad_checkpoint=t.grad_checkpoint, loss_chunk=t.loss_chunk,
         objective=cfg.objective.type, packed=cfg.data.packing is True and not preference,
-        optimizer_states=states, grad_accumulation=t.grad_accumulation, attention=attention,
+        optimizer_states=states, attention=attention, full_finetune=full_finetune,
+        # Gradients are summed over micro-batches (accumulation, max_batch_tokens splits)
+        # and over ranks: a second copy of them is alive.
+        grad_accumulation=t.grad_accumulation * (-(-rows // micro)) * ranks,
         notes=tuple(notes))
+
+
+def micro_rows(rows: int, width: int, max_tokens: int | None, pairs: bool) -> int:
+    """Rows of one micro-batch under train.max_batch_tokens (mlxtune.train.loop.split_rows:
+    whole rows, at least one; a pair's two rows stay together)."""
+    if not max_tokens or rows * width <= max_tokens:
+        return rows
+    step = max(1, max_tokens // width)
+    if pairs:
+        return min(rows, 2 * max(1, step // 2))
+    return min(rows, step)
 
 
 # ----------------------------------------------------------------------------- features
@@ -229,7 +259,8 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
         # Logits and cross-entropy (float32): whole, or in chunks.
         "logits": 0.0, "logits_chunked": 0.0,
         # Dense copies of quantized layers on the CPU path.
-        "dequant_max": 0.0, "dequant_block": 0.0,
+        "dequant_max": 0.0, "dequant_all": 0.0, "dequant_own": 0.0,
+        "dequant_max_ckpt": 0.0, "dequant_all_ckpt": 0.0,
         "framework": 1e6,
     }
     per_block = {"saved_d": N * c * s.hidden_size,
@@ -247,14 +278,19 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
         f["logits_chunked"] = head
     else:
         f["logits"] = head
-    if w.backend == "cpu":
+    if w.backend == "cpu":  # dense copies of quantized matrices for BLAS (mlxtune.quant)
         q = [x for x in w.weights if x.quantized]
         if q:
-            f["dequant_max"] = max(x.rows * x.cols for x in q) * w.compute_bytes
-            per_block_q = [x for x in q if x.kind == "linear"]
-            if per_block_q:
-                f["dequant_block"] = (sum(x.rows * x.cols for x in per_block_q)
-                                      / max(s.num_layers, 1) * w.compute_bytes)
+            # With checkpointing the blocks' copies are made again, one block at a time,
+            # and MLX holds a different number of them: counted apart.
+            tag = "_ckpt" if w.grad_checkpoint else ""
+            f["dequant_max" + tag] = max(x.rows * x.cols for x in q) * w.compute_bytes
+            f["dequant_all" + tag] = sum(x.rows * x.cols for x in q if x.kind == "linear"
+                                         and x.format.kind == "affine") * w.compute_bytes
+            # MLX's affine layers dequantize in one op; mlxtune's own formats (nf4,
+            # q6_k) build theirs from several float32 arrays (quant.layouts).
+            f["dequant_own"] = sum(x.rows * x.cols for x in q if x.kind == "linear"
+                                   and x.format.kind != "affine") * w.compute_bytes
     return f
 
 
@@ -263,7 +299,9 @@ _ITEM_OF = {"saved_d": "activations", "saved_qkv": "activations", "saved_ffn": "
             "saved_lora": "activations", "ckpt_d": "activations", "work_d": "activations",
             "work_ffn": "activations", "saved_att": "attention", "work_att": "attention",
             "logits": "logits and loss", "logits_chunked": "logits and loss",
-            "dequant_max": "dequantization (CPU)", "dequant_block": "dequantization (CPU)",
+            "dequant_max": "dequantization (CPU)", "dequant_all": "dequantization (CPU)",
+            "dequant_own": "dequantization (CPU)", "dequant_max_ckpt": "dequantization (CPU)",
+            "dequant_all_ckpt": "dequantization (CPU)",
             "framework": "framework"}
 
 
@@ -286,11 +324,11 @@ def fixed_bytes(w: Workload) -> dict[str, float]:
     """The items that are counted exactly (not fitted): weights, adapter, gradients,
     optimizer state, the causal / packing masks, and the 16-bit copy of the logits."""
     c = w.compute_bytes
-    p = w.lora_parameters
+    p = w.trainable_parameters
     L = w.positions
     items = dict.fromkeys(ITEMS, 0.0)
     items["base weights"] = float(sum(x.nbytes for x in w.weights))
-    items["LoRA adapter"] = float(p * c)
+    items["LoRA adapter"] = float(w.lora_parameters * c)
     items["gradients"] = float(p * c * (2 if w.grad_accumulation > 1 else 1))
     items["optimizer state"] = float(p * c * w.optimizer_states)
     if w.attention == "materialised" and not w.blockwise:

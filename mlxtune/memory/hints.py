@@ -1,8 +1,7 @@
 """The nearest change of one knob that makes a `tight` or `no` plan fit.
 
-Knobs are tried in the order of what they cost: gradient checkpointing (time only), a
-smaller batch with gradient accumulation keeping the batch the optimizer sees (time
-only), a 4-bit base (QLoRA: some quality), a shorter sequence length (data cut), a
+Knobs are tried in the order of what they cost: gradient checkpointing (time only),
+micro-batches of the same batch (train.max_batch_tokens: time only), a 4-bit base (QLoRA: some quality), a shorter sequence length (data cut), a
 smaller rank (capacity). For each, the least change that gives `fits` is found; every one
 that works is returned, the nearest first.
 """
@@ -44,17 +43,18 @@ def nearest(cfg, machine: Machine, shape: ModelShape, ranks: int = 1,
         attempt({"train.grad_checkpoint": True},
                 lambda gb: f"fits with train.grad_checkpoint=true ({gb:.1f} GB)")
 
-    per_rank = t.batch_size // ranks
-    for b in range(per_rank - 1, 0, -1):  # the largest batch that fits
-        accum = t.grad_accumulation * -(-per_rank // b)
-        if attempt({"train.batch_size": b * ranks, "train.grad_accumulation": accum},
-                   lambda gb, b=b, accum=accum:
-                   f"fits with train.batch_size={b * ranks} and train.grad_accumulation="
-                   f"{accum} ({gb:.1f} GB)"):
+    # The same batch in micro-batches (train.max_batch_tokens): the largest that fits.
+    here = workload(cfg, shape, machine.backend, ranks, attention)
+    per_pair = 2 if cfg.objective.type in ("dpo", "orpo", "simpo") else 1
+    for items in range(here.rows // per_pair - 1, 0, -1):
+        tokens = items * per_pair * here.width
+        if attempt({"train.max_batch_tokens": tokens},
+                   lambda gb, items=items, tokens=tokens:
+                   f"fits with train.max_batch_tokens={tokens} (micro-batches of {items} "
+                   f"{'pairs' if per_pair == 2 else 'rows'}, the same step; {gb:.1f} GB)"):
             break
 
-    dense_base = not any(w.quantized for w in workload(cfg, shape, machine.backend, ranks,
-                                                       attention).weights)
+    dense_base = not any(w.quantized for w in here.weights)
     if dense_base:
         attempt({"model.quantize": QuantizeConfig(format="affine", bits=4, group_size=64)},
                 lambda gb: f"fits with a 4-bit base, model.quantize={{format: affine, bits: 4}}"
@@ -85,8 +85,8 @@ def nearest(cfg, machine: Machine, shape: ModelShape, ranks: int = 1,
 
 
 def _combined(cfg, machine, shape, ranks, attention, dense_base):
-    """No single knob is enough: checkpointing, a 4-bit base, batch 1 (with accumulation)
-    and then the longest sequence that fits, applied together."""
+    """No single knob is enough: checkpointing, a 4-bit base, micro-batches of one row
+    (one pair) and then the longest sequence that fits, applied together."""
     from mlxtune.config import QuantizeConfig
     from mlxtune.memory import Hint, with_changes
 
@@ -98,12 +98,11 @@ def _combined(cfg, machine, shape, ranks, attention, dense_base):
     if dense_base:
         changes["model.quantize"] = QuantizeConfig(format="affine", bits=4, group_size=64)
         words.append("a 4-bit base")
-    per_rank = t.batch_size // ranks
-    if per_rank > 1:
-        changes["train.batch_size"] = ranks
-        changes["train.grad_accumulation"] = t.grad_accumulation * per_rank
-        words.append(f"train.batch_size={ranks} with train.grad_accumulation="
-                     f"{t.grad_accumulation * per_rank}")
+    here = workload(cfg, shape, machine.backend, ranks, attention)
+    per_pair = 2 if cfg.objective.type in ("dpo", "orpo", "simpo") else 1
+    if here.rows > per_pair:
+        changes["train.max_batch_tokens"] = per_pair * here.width
+        words.append(f"train.max_batch_tokens={per_pair * here.width}")
     trial = with_changes(cfg, changes)
     ok, peak = _fits(trial, machine, shape, ranks, attention)
     if not ok:

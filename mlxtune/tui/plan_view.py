@@ -390,16 +390,64 @@ class TypeValue(ModalScreen[str]):
         self.dismiss(event.value)
 
 
-def plan_config(cfg, machine_gb: float | None) -> dict | None:
-    """The planner's answer for `cfg`; None while mlxtune has no planner (issue 6)."""
-    try:
-        from mlxtune import memory  # noqa: F401
-    except ImportError:
-        return None
-    return None
+def plan_config(cfg, machine_gb: float | None) -> dict:
+    """The memory planner's answer for `cfg` (mlxtune.memory.Plan.to_dict(): the same
+    object `mlxtune plan --json` prints); `machine_gb` overrides this machine's usable
+    memory. Runs in a worker thread."""
+    from mlxtune import memory
+
+    return memory.plan(cfg, usable_gb=machine_gb).to_dict()
+
+
+# Breakdown items shown one a line; the adapter's three small ones are added together.
+_SHOWN = (("base weights", ("base weights",)),
+          ("adapter+grads+optim", ("LoRA adapter", "gradients", "optimizer state")),
+          ("activations", ("activations",)),
+          ("attention", ("attention",)),
+          ("logits and loss", ("logits and loss",)),
+          ("packing mask", ("packing mask",)),
+          ("dequant (CPU)", ("dequantization (CPU)",)),
+          ("framework", ("framework",)))
+
+
+def _tier_line(label: str, detail: dict, width: int) -> Text:
+    peak, usable, verdict = detail["peak_gb"], detail["usable_gb"], detail["verdict"]
+    numbers = f" {peak:5.1f}/{usable:5.1f} "
+    bar_width = max(width - len(label) - len(numbers) - 6, 4)
+    line = Text(label, "bold")
+    line.append(" ").append_text(tier_bar(peak * 1e9, usable * 1e9, bar_width))
+    line.append(numbers)
+    line.append(f"{verdict:<5}", VERDICT_STYLE.get(verdict, ""))
+    return line
 
 
 def verdict_text(plan: dict | None, width: int) -> Text:
+    """The planner's breakdown (GB) and a bar per tier with its verdict and, for `tight`
+    and `no`, the nearest knob that makes it fit."""
     if plan is None:
-        return Text("no memory planner in this build yet (mlxtune.memory)", "dim")
-    return Text(json.dumps(plan))
+        return Text("planning…", "dim")
+    here = plan["this_machine"]
+    out = Text()
+    out.append(f"peak {plan['peak_gb']:.2f} GB on a Mac ({plan['compute_dtype']})\n", "bold")
+    if here["backend"] != "metal" or here["compute_dtype"] != plan["compute_dtype"]:
+        out.append(f"here: {here['peak_gb']:.2f} GB ({here['backend']}, "
+                   f"{here['compute_dtype']})\n", "dim")
+    mac = plan["breakdown"]
+    for label, keys in _SHOWN:
+        value = sum(mac.get(k, 0.0) for k in keys)
+        if value >= 0.0005:
+            out.append(f"{label:<20}{value:>8.2f}\n")
+    out.append("\n")
+    rows = [(f"{name:>3} GB", plan["tier_details"][name]) for name in plan["tiers"]]
+    rows.append(("  here", here))
+    label_width = max(len(r[0]) for r in rows)
+    for label, detail in rows:
+        out.append_text(_tier_line(label.rjust(label_width), detail, width))
+        out.append("\n")
+    hints = [(label.strip(), d["hint"]) for label, d in rows if d.get("hint")]
+    for label, hint in hints:  # "fits with KEY=VALUE (GB)": the knob is what matters here
+        out.append(f"{label}: ", "bold")
+        out.append(hint.removeprefix("fits with ").removeprefix("fits only with ") + "\n",
+                   "yellow")
+    out.rstrip()
+    return out

@@ -427,7 +427,9 @@ def test_runs_view_lists_runs_compares_two_and_shows_eval(two_runs):
         screen = app.screen
         assert isinstance(screen, RunsScreen)
         await wait_for(pilot, lambda: len(screen.rows) == 2, what="the runs")
-        await pilot.pause(0.2)
+        # The table is drawn after the rows arrive; on a loaded machine that takes a while.
+        await wait_for(pilot, lambda: all(r.name in screen_text(app) for r in (slow, fast)),
+                       what="the runs drawn")
         text = screen_text(app)
         for run_dir in (slow, fast):
             h = load_history(run_dir)

@@ -496,3 +496,39 @@ def test_start_event_carries_the_planned_peak(tmp_path, tiny_model_dir):
     measured = max(e["peak_memory_gb"] for e in events if e["event"] == "train")
     assert isinstance(planned, float) and planned > 0
     assert math.isclose(planned, measured, rel_tol=0.25), (planned, measured)
+
+
+def test_hub_shape_from_the_local_cache_before_the_catalogue(tmp_path, monkeypatch):
+    from mlxtune.memory.shapes import from_hub
+
+    repo = "meta-llama/Llama-3.1-8B-Instruct"
+    snap = tmp_path / "hub" / "models--meta-llama--Llama-3.1-8B-Instruct"
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text("abc123")
+    folder = snap / "snapshots" / "abc123"
+    folder.mkdir(parents=True)
+    config = {"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 3,
+              "intermediate_size": 256, "num_attention_heads": 4, "vocab_size": 1000}
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    s = from_hub(repo, download=False)
+    assert s.hidden_size == 128 and "config.json" in s.source  # the cache wins
+    s = from_hub("meta-llama/Llama-3.2-1B-Instruct", download=False)
+    assert s.hidden_size == 2048 and "catalogue" in s.source
+    from mlxtune.errors import ModelError
+
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache nor in"):
+        from_hub("nobody/nothing-7B", download=False)
+
+
+def test_this_machine_uses_the_reported_working_set(monkeypatch):
+    from mlxtune import backend
+    from mlxtune.memory import tiers
+
+    monkeypatch.setattr(backend, "device_info", lambda: {
+        "backend": "metal", "max_recommended_working_set_size": 51_539_607_552})
+    m = tiers.this_machine()
+    assert m.usable_bytes == 51_539_607_552 and "working_set" in m.rule

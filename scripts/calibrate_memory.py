@@ -1,6 +1,6 @@
 """Calibrate and check the memory planner against peaks measured on real training steps.
 
-    python scripts/calibrate_memory.py                  # measure the whole grid, write docs/memory.md
+    python scripts/calibrate_memory.py                  # measure the grid, write docs/memory.md
     python scripts/calibrate_memory.py --part check     # only the held-out configurations
     python scripts/calibrate_memory.py --only smollm2-gguf-sft
     python scripts/calibrate_memory.py --fit            # refit mlxtune/memory/calibration.py

@@ -1,9 +1,10 @@
 """The nearest change of one knob that makes a `tight` or `no` plan fit.
 
 Knobs are tried in the order of what they cost: gradient checkpointing (time only),
-micro-batches of the same batch (train.max_batch_tokens: time only), a 4-bit base (QLoRA: some quality), a shorter sequence length (data cut), a
-smaller rank (capacity). For each, the least change that gives `fits` is found; every one
-that works is returned, the nearest first.
+micro-batches of the same batch (train.max_batch_tokens: time only), a 4-bit base
+(QLoRA: some quality), a shorter sequence length (data cut), a smaller rank (capacity).
+For each, the least change that gives `fits` is found; every one that works is returned,
+the nearest first. When none does alone, the first four are tried together.
 """
 
 from __future__ import annotations

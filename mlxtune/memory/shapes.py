@@ -203,20 +203,37 @@ def from_hub(repo_id: str, revision: str | None = None, download: bool = True) -
     if known is not None:
         return known
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if download and not offline:
+    reason = "offline"
+    if download and not offline and _hub_reachable():
         try:
             from huggingface_hub import hf_hub_download
+            from huggingface_hub.utils import logging as hub_logging
 
+            hub_logging.set_verbosity_error()  # one line of ours, not its retries
             path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
             return from_folder(path.parent, repo_id)
-        except Exception as e:  # offline, gated, missing: say what can be done instead
+        except Exception as e:  # gated, missing: say what can be done instead
             reason = f"{type(e).__name__}"
-    else:
-        reason = "offline"
     raise ModelError(
         f"model.path: {repo_id}: its shape is not in the local Hugging Face cache nor in "
         f"mlxtune's catalogue, and config.json could not be fetched ({reason}); download "
         "the model once, or point model.path at a local folder or .gguf file")
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the hub's host answers at all (an offline machine fails fast here instead
+    of through the hub client's retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co",
+                                  url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _cached_config(repo_id: str, revision: str | None) -> Path | None:

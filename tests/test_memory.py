@@ -532,3 +532,21 @@ def test_this_machine_uses_the_reported_working_set(monkeypatch):
         "backend": "metal", "max_recommended_working_set_size": 51_539_607_552})
     m = tiers.this_machine()
     assert m.usable_bytes == 51_539_607_552 and "working_set" in m.rule
+
+
+def test_a_starting_adapter_sets_the_rank_and_dpo_keeps_a_frozen_copy(tmp_path):
+    from mlxtune.memory.estimate import estimate, workload
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "fine_tune_type": "lora", "num_layers": 1,
+        "lora_parameters": {"rank": 2, "scale": 2.0, "keys": ["self_attn.q_proj"]}}))
+    s = shape()
+    sft = workload(make_cfg("x", model={"path": "x", "adapter": str(folder)},
+                            adapter={"rank": 64}), s, "metal")
+    assert (sft.rank, sft.adapted_layers, len(sft.lora_modules)) == (2, 1, 1)
+    assert sft.lora_parameters == 2 * (64 + 64)  # q_proj of one block: 64 -> 64
+    dpo = workload(make_cfg("x", model={"path": "x", "adapter": str(folder)},
+                            objective={"type": "dpo"}), s, "metal")
+    assert estimate(dpo).items["LoRA adapter"] == 2 * estimate(sft).items["LoRA adapter"]

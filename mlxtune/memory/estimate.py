@@ -78,6 +78,8 @@ class Workload:
     # Every weight trainable instead of LoRA: not something mlxtune trains, planned for
     # comparison (the README's table of claims) only.
     full_finetune: bool = False
+    # dpo from model.adapter: a frozen copy of it is the reference policy.
+    reference_adapter: bool = False
     notes: tuple = field(default=(), compare=False)
 
     @property
@@ -198,7 +200,11 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
     width = -(-cfg.data.max_seq_len // PAD_MULTIPLE) * PAD_MULTIPLE
     t = cfg.train
     n = shape.num_layers
-    adapted = n if cfg.adapter.layers == -1 else min(cfg.adapter.layers, n)
+    rank, targets, layers = cfg.adapter.rank, list(cfg.adapter.targets), cfg.adapter.layers
+    start = _starting_adapter(cfg.model.adapter)
+    if start is not None:  # training continues that adapter: its rank, layers and targets
+        rank, targets, layers = start
+    adapted = n if layers == -1 else min(layers, n)
     states = 2 if t.optimizer in ("adam", "adamw") else (1 if t.momentum > 0 else 0)
     notes = []
     rows = (batch // ranks) * (2 if preference else 1)
@@ -212,8 +218,9 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
     return Workload(
         shape=shape,
         weights=tuple(weights_mod.base_weights(shape, cfg.model, DTYPE_BYTES[dtype])),
-        backend=backend, dtype=dtype, rows=micro, width=width, rank=cfg.adapter.rank,
-        lora_modules=tuple(resolve_targets(shape, list(cfg.adapter.targets))),
+        backend=backend, dtype=dtype, rows=micro, width=width, rank=rank,
+        lora_modules=tuple(resolve_targets(shape, targets)),
+        reference_adapter=start is not None and cfg.objective.type == "dpo",
         adapted_layers=adapted, grad_checkpoint=t.grad_checkpoint, loss_chunk=t.loss_chunk,
         objective=cfg.objective.type, packed=cfg.data.packing is True and not preference,
         optimizer_states=states, attention=attention, full_finetune=full_finetune,
@@ -221,6 +228,22 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
         # and over ranks: a second copy of them is alive.
         grad_accumulation=t.grad_accumulation * (-(-rows // micro)) * ranks,
         notes=tuple(notes))
+
+
+def _starting_adapter(path) -> tuple | None:
+    """(rank, targets, layers) of model.adapter's adapter_config.json (mlx-lm's layout),
+    or None when no adapter is given or it cannot be read (the run will say why)."""
+    if not path:
+        return None
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        lp = config["lora_parameters"]
+        return int(lp["rank"]), list(lp.get("keys") or []), int(config["num_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def micro_rows(rows: int, width: int, max_tokens: int | None, pairs: bool) -> int:
@@ -328,7 +351,7 @@ def fixed_bytes(w: Workload) -> dict[str, float]:
     L = w.positions
     items = dict.fromkeys(ITEMS, 0.0)
     items["base weights"] = float(sum(x.nbytes for x in w.weights))
-    items["LoRA adapter"] = float(w.lora_parameters * c)
+    items["LoRA adapter"] = float(w.lora_parameters * c * (2 if w.reference_adapter else 1))
     items["gradients"] = float(p * c * (2 if w.grad_accumulation > 1 else 1))
     items["optimizer state"] = float(p * c * w.optimizer_states)
     if w.attention == "materialised" and not w.blockwise:

@@ -810,9 +810,15 @@ def test_snapshot_plan_view(tmp_path, monkeypatch):
     app = make_app(Path("llama8b.yaml"), Path("runs"))
 
     async def body(pilot):
-        await wait_for(pilot, lambda: app.screen.plan is not None, what="the plan")
-        await pilot.pause(0.3)
-        assert "memory per tier" in screen_text(app)
+        screen = app.screen
+        await wait_for(pilot, lambda: screen.plan is not None and screen.values,
+                       what="the plan")
+        table = screen.query_one("#knobs")
+        table.focus()  # the knobs' keys in the footer, however loaded the machine is
+        await wait_for(pilot, lambda: app.focused is table, what="focus")
+        await pilot.pause(0.5)
+        text = screen_text(app)
+        assert "memory per tier" in text and "Less" in text and "2048" in text
         check_snapshot(app, "plan_view")
 
     run_app(app, body)

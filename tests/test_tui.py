@@ -232,6 +232,9 @@ def test_start_shows_the_curve_growing_then_stop_leaves_a_checkpoint_and_resume(
         await wait_for(pilot, lambda: not app.child.alive, what="the child to exit")
         assert app.child.popen.returncode == 130
         await wait_for(pilot, lambda: screen.history.status == "interrupted", what="stop")
+        # The message follows the stop event on the UI's next refresh.
+        await wait_for(pilot, lambda: "stopped at step" in screen.query_one("#message").text,
+                       what="the stop message")
         message = screen.query_one("#message").text
         step = screen.history.step
         assert f"stopped at step {step}; checkpoint step-{step} saved" in message

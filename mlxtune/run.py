@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxtune import adapters, backend, data, models, objectives
+from mlxtune import adapters, backend, config, data, models, objectives
 from mlxtune.config import Config, EvalConfig, dump
 from mlxtune.data.batcher import decide_packing
 from mlxtune.data.preference import encode_pairs
@@ -42,21 +42,12 @@ def latest_run_dir(cfg: Config, runs_root: Path = Path("runs")) -> Path | None:
     return found[-1] if found else None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
 
 def _check_resumable(cfg: Config, run_dir: Path) -> None:
     import yaml
 
-    saved = _flatten(yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {})
-    now = _flatten(cfg.to_dict())
+    saved = config.flatten(yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {})
+    now = config.flatten(cfg.to_dict())
     changed = sorted(k for k in set(saved) | set(now)
                      if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:

@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxtune import errors
+from mlxtune import config, errors
 from mlxtune.errors import ConfigError, MlxtuneError
 
 # The status every rank sends to an agreement point: a byte of kind, a digest of the
@@ -269,7 +269,7 @@ def config_items(cfg) -> dict[str, bytes]:
     from mlxtune.config import PATH_KEYS
 
     items = {}
-    for key, value in _flatten(cfg.to_dict()).items():
+    for key, value in config.flatten(cfg.to_dict()).items():
         if key.startswith("eval.") or (key in PATH_KEYS and key != "model.path"):
             continue
         if key == "model.path":
@@ -329,12 +329,3 @@ def _digest_examples(items: list) -> bytes:
             h.update(b"|")
     return h.digest()
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -281,7 +281,7 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None,
     else:
         encoded = data.encode(records, tok, cfg.data.max_seq_len, cfg.data.mask_prompt, fmt)
     n_gen = len(records) if ev.examples is None else min(ev.examples, len(records))
-    gen_records = [r for r in records[:n_gen]]
+    gen_records = list(records[:n_gen])
     pairs = [prompt_and_reference(r, fmt, tok) for r in gen_records]
     if any(p is None for p in pairs):  # text data: nothing to answer
         gen_records, pairs = [], []

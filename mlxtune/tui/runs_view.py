@@ -190,7 +190,8 @@ class RunsScreen(Screen):
         self._draw()
 
     def _cells(self, row: RunRow) -> tuple:
-        name = Text(("● " if row.run_dir in self.marked else "") + row.name,
+        # The marker's room is kept on every row, so marking never resizes the column.
+        name = Text(("● " if row.run_dir in self.marked else "  ") + row.name,
                     "bold" if row.run_dir in self.marked else "")
         steps = f"{row.step}/{row.total}" if row.total else str(row.step)
         best = f"{row.best_val:.4f}" if row.best_val is not None else "-"

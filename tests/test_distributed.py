@@ -20,7 +20,7 @@ import yaml
 
 from mlxtune.cli import main
 from mlxtune.train.events import read_events
-from tiny import build_model, model_args, write_jsonl
+from tiny import build_model, model_args, save_random_adapter, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -214,16 +214,8 @@ def test_packed_rows_with_grad_accumulation(workdir, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("precompute", [False, True])
 def test_dpo_two_ranks_match_one_process(tmp_path, tiny_model_dir, capsys, precompute):
-    from mlxtune import adapters
-    from mlxtune.config import AdapterConfig
-
     write_jsonl(tmp_path / "pairs.jsonl", [pair(i) for i in range(30)])
-    model = build_model(model_args())  # a starting adapter, so the reference is not the base
-    mx.random.seed(7)
-    adapter_cfg = adapters.apply_lora(model, AdapterConfig(rank=4, alpha=8))
-    for _, m in adapters.lora_layers(model):
-        m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
-    adapters.save(model, adapter_cfg, tmp_path / "sft")
+    save_random_adapter(tmp_path / "sft")  # a starting adapter: the reference is not the base
     config = {
         "name": "tiny-dpo",
         "model": {"path": str(tiny_model_dir), "adapter": str(tmp_path / "sft")},

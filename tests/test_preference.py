@@ -20,7 +20,7 @@ from mlxtune.objectives import preference as pref
 from mlxtune.objectives.reference import Reference, pair_logps, reference_logps, score_pairs
 from mlxtune.train.events import read_events
 from test_train import run_cli
-from tiny import build_model, model_args, write_jsonl
+from tiny import build_model, model_args, save_random_adapter, write_jsonl
 
 TRL_METRICS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected"}
@@ -333,12 +333,7 @@ def test_score_pairs_for_evaluation(pairs):
 def dpo_workdir(tmp_path, tiny_model_dir):
     """Preference data, and an 'SFT' adapter to start from (random, so it is not the base)."""
     write_jsonl(tmp_path / "pairs.jsonl", [conv_pair(i) for i in range(28)])
-    model = build_model(model_args())
-    mx.random.seed(7)
-    cfg = adapters.apply_lora(model, AdapterConfig(rank=4, alpha=8))
-    for _, m in adapters.lora_layers(model):
-        m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
-    adapters.save(model, cfg, tmp_path / "sft")
+    save_random_adapter(tmp_path / "sft")
     config = {
         "name": "tiny-dpo",
         "model": {"path": str(tiny_model_dir), "adapter": str(tmp_path / "sft")},

@@ -109,3 +109,17 @@ def write_jsonl(path: Path, rows: list) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def save_random_adapter(path: Path, seed: int = 7, rank: int = 4, alpha: float = 8) -> None:
+    """An 'SFT' adapter for the tiny model with random non-zero weights (so base + adapter
+    is not the base), saved at `path`: a starting point for preference runs."""
+    from mlxtune import adapters
+    from mlxtune.config import AdapterConfig
+
+    model = build_model(model_args())
+    mx.random.seed(seed)
+    cfg = adapters.apply_lora(model, AdapterConfig(rank=rank, alpha=alpha))
+    for _, m in adapters.lora_layers(model):
+        m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+    adapters.save(model, cfg, path)

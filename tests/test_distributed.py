@@ -20,7 +20,7 @@ import yaml
 
 from mlxtune.cli import main
 from mlxtune.train.events import read_events
-from tiny import build_model, model_args, save_random_adapter, write_jsonl
+from tiny import save_random_adapter, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")

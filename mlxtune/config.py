@@ -97,6 +97,9 @@ class ObjectiveConfig:
     # robust: Chowdhury et al.; simpo).
     label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 0.49})
     simpo_gamma: float = 0.5  # SimPO's target reward margin
+    # DPO: weight of RPO's NLL term on the chosen answer (Pang et al. 2024; TRL's
+    # rpo_alpha, whose paper uses 1.0); 0: plain DPO.
+    rpo_alpha: float = field(default=0.0, metadata={"min": 0.0})
     # DPO: the reference policy's log-probs computed once before training and cached in
     # the run directory, instead of a reference forward pass every step.
     precompute_reference: bool = False
@@ -156,6 +159,9 @@ class EvalConfig:
     batch_size: int = field(default=16, metadata={"min": 1})
     schema: Optional[str] = None  # a JSON Schema file the outputs should match
     metric: Optional[str] = None  # 'module:function' or 'file.py:function'
+    # Another data file to evaluate on (e.g. a DPO run on the SFT task data): its `split`
+    # under this run's data.split rule and seed, or all of it when the run names its files.
+    data: Optional[str] = None
     show: int = field(default=3, metadata={"min": 0})  # examples side by side
     # Dequantize a quantized base once for eval on the CPU backend (same weights, faster
     # decoding); auto: when its float32 copy takes under a quarter of the memory.
@@ -182,7 +188,7 @@ class Config:
 
 # Keys whose values are paths, resolved against the config file's folder.
 PATH_KEYS = ("model.path", "model.adapter", "data.train", "data.valid", "data.test", "data.path",
-             "eval.schema")
+             "eval.schema", "eval.data")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -346,6 +352,9 @@ def _check(cfg: Config, where: str) -> None:
     if o.type != "dpo" and o.precompute_reference:
         raise ConfigError(f"{where}: objective.precompute_reference: {o.type} has no reference "
                           "model (only dpo does)")
+    if o.type != "dpo" and o.rpo_alpha:
+        raise ConfigError(f"{where}: objective.rpo_alpha: adds an NLL term to DPO; {o.type} "
+                          "does not use it (orpo has its own NLL term)")
     if o.type == "dpo" and o.loss in ("ipo", "hinge") and o.label_smoothing:
         raise ConfigError(f"{where}: objective.label_smoothing: the {o.loss} loss does not use "
                           "it (sigmoid and robust do)")

@@ -192,6 +192,27 @@ def test_bad_preference_records_name_the_line(tmp_path, record, message):
     assert message in str(e.value)
 
 
+def test_rpo_adds_the_chosen_answers_mean_nll(pairs):
+    """objective.rpo_alpha: the DPO loss plus alpha times the chosen answers' mean
+    per-token NLL, both computed here from sequence log-probs in numpy."""
+    model = lora_model()
+    randomize_adapter(model, 4)
+    tokens, mask = collate_pairs(pairs[:4], 0, 8)
+    logps, lengths = (np.array(x, dtype=np.float64) for x in pref.sequence_logps(
+        model, tokens, mask))
+    ref = mx.array(logps + np.random.default_rng(1).normal(0, 2, logps.shape), mx.float32)
+    pc, pr, rc, rr = logps[:4], logps[4:], np.array(ref)[:4], np.array(ref)[4:]
+    for alpha in (0.0, 0.7):
+        loss, n, metrics = pref.dpo(model, tokens, mask, ref, beta=0.3, rpo_alpha=alpha)
+        want = np_dpo(pc, pr, rc, rr, "sigmoid", 0.3, 0.0) + alpha * (-pc / lengths[:4])
+        assert loss.item() == pytest.approx(want.sum(), rel=1e-5) and n.item() == 4
+        if alpha:
+            assert metrics["nll_loss"].item() == pytest.approx((-pc / lengths[:4]).sum(),
+                                                               rel=1e-5)
+        else:
+            assert "nll_loss" not in metrics
+
+
 # ----------------------------------------------------------------------------- the reference
 
 
@@ -461,6 +482,7 @@ def test_reference_free_objectives_train(dpo_workdir, capsys, kind):
     (["objective.label_smoothing=0.5"], "objective.label_smoothing: must be <= 0.49"),
     (["objective.loss=nope"], "objective.loss: 'nope' is not one of"),
     (["data.packing=true"], "preference pairs are not packed"),
+    (["objective.type=simpo", "objective.rpo_alpha=1"], "objective.rpo_alpha: adds an NLL"),
 ])
 def test_bad_objective_settings_are_one_line(dpo_workdir, capsys, sets, message):
     code, out = run_cli(["run", str(dpo_workdir / "dpo.yaml"), "--run-dir",
@@ -564,3 +586,101 @@ def test_quickstart_preferences_are_reproducible_and_split_like_the_sft_data(tmp
             except ValueError:
                 ok = False
             assert not ok, r.data
+
+
+def test_eval_on_another_data_file_measures_the_sft_task(dpo_workdir, capsys):
+    """`mlxtune eval RUN --data FILE`: a DPO run measured on chat data split by the run's
+    rule: SFT metrics per side, written beside (not over) the run's own eval."""
+    from mlxtune import config as config_mod, models
+    from mlxtune.config import SplitConfig
+    from mlxtune.data import encode, split_records
+    from mlxtune.evaluate import split_loss
+
+    chats = [{"messages": [*p["prompt"], *p["chosen"]], "user": p["user"]}
+             for p in map(conv_pair, range(28))]
+    write_jsonl(dpo_workdir / "chats.jsonl", chats)
+    run_dir, _ = run_events(dpo_workdir, "run", "train.iters=3", "eval.auto=false",
+                            capsys=capsys)
+    code, out = run_cli(["eval", str(run_dir), "--data", str(dpo_workdir / "chats.jsonl"),
+                         "--split", "valid", "--max-new-tokens", "4", "--json", "--quiet"],
+                        capsys)
+    assert code == 0, out.err
+    result = json.loads(out.out)
+    assert not (run_dir / "eval.json").exists()
+    assert json.loads((run_dir / "eval-chats.json").read_text()) == result
+    assert (run_dir / "eval-chats.md").read_text().startswith("# Evaluation")
+    assert "valid split of chats.jsonl" in (run_dir / "eval-chats.md").read_text()
+    assert result["format"] == "chat" and set(result) >= {"base", "start", "tuned"}
+    # The file's valid split under the run's rule: the same users as the pairs' valid split.
+    split = SplitConfig(by="user", valid=0.3, test=0.0)
+    records, _ = read_records(dpo_workdir / "chats.jsonl")
+    held = split_records(records, split, 1, "chats")["valid"]
+    pairs_valid = split_records(read_records(dpo_workdir / "pairs.jsonl")[0], split, 1,
+                                "pairs")["valid"]
+    assert {r.data["user"] for r in held} == {r.data["user"] for r in pairs_valid}
+    assert result["split_examples"] == len(held) and result["generated_examples"] == len(held)
+    # The start side's loss is the SFT adapter's loss on those chats, computed here.
+    cfg = config_mod.load(run_dir / "config.yaml")
+    loaded = models.load(cfg.model)
+    adapters.load(loaded.model, dpo_workdir / "sft")
+    examples = encode(held, loaded.tokenizer, 96, None, "chat").examples
+    s, n = split_loss(loaded.model, examples, 2, 0)
+    assert result["start"]["loss"] == pytest.approx(s / n, rel=1e-5)
+    assert "preference_accuracy" not in result["tuned"]
+    events = [e for e in read_events(run_dir) if e["event"] == "eval"]
+    assert events[-1]["data"] == str(dpo_workdir / "chats.jsonl")
+
+
+def test_onpolicy_pairs_replace_rejected_with_the_models_own_wrong_answers(dpo_workdir):
+    """scripts/make_onpolicy_preferences.py on a tiny model: train/valid pairs get the
+    start adapter's greedy answer as the rejected one (unless it is right), test pairs and
+    the split stay as they were, and the file it writes trains."""
+    import subprocess
+    import sys
+
+    from mlxtune import config as config_mod, models
+    from mlxtune.config import SplitConfig
+    from mlxtune.data import split_records
+    from mlxtune.evaluate import generate, prompt_and_reference, stop_ids
+
+    root = Path(__file__).resolve().parents[1]
+    cfg_path = dpo_workdir / "dpo.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["data"]["split"]["test"] = 0.2
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = dpo_workdir / "onpolicy.jsonl"
+    args = [sys.executable, str(root / "scripts" / "make_onpolicy_preferences.py"),
+            "--config", str(cfg_path), "--pairs", str(dpo_workdir / "pairs.jsonl"),
+            "--out", str(out), "--max-new-tokens", "5"]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stderr
+
+    old, _ = read_records(dpo_workdir / "pairs.jsonl")
+    new, fmt = read_records(out)
+    assert fmt == "preference" and len(new) == len(old)
+    split = SplitConfig(by="user", valid=0.3, test=0.2)
+    s_old, s_new = split_records(old, split, 1, "a"), split_records(new, split, 1, "b")
+    # Independently: the SFT adapter's greedy answers, one prompt at a time.
+    loaded = models.load(config_mod.load(cfg_path).model)
+    adapters.load(loaded.model, dpo_workdir / "sft")
+    tok = loaded.tokenizer
+    for name in ("train", "valid", "test"):
+        assert [r.data["user"] for r in s_old[name]] == [r.data["user"] for r in s_new[name]]
+        for a, b in zip(s_old[name], s_new[name]):
+            assert a.data["prompt"] == b.data["prompt"] and a.data["chosen"] == b.data["chosen"]
+            if name == "test":
+                assert a.data == b.data
+                continue
+            ids, chosen, _ = prompt_and_reference(a, "preference", tok)
+            g = generate.greedy(loaded.model, [ids], stop_ids(tok), 5, 1)[0][0]
+            text = tok.decode(g.tokens)
+            if text.strip() == chosen.strip() or not text.strip():
+                assert a.data == b.data
+            else:
+                assert b.data["rejected"][-1]["content"] == text
+                assert b.data["failure"] == "sft_generation"
+    assert any(r.data.get("failure") == "sft_generation" for r in new)
+    # Refuses to overwrite without --force.
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 2 and "--force" in again.stderr

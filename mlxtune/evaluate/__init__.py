@@ -14,7 +14,9 @@ One model is loaded; the base is that model with its LoRA layers switched off
 
 `evaluate_run` writes eval.json, eval.md and eval_predictions.jsonl (every generation, base
 and tuned) into the run directory, each atomically, and appends an `eval` event to
-events.jsonl. Bad input (no such split, no adapter, a bad schema file or
+events.jsonl. With `eval.data` (another data file, e.g. a DPO run measured on its SFT
+task data) the files are named after it: eval-NAME.json, eval-NAME.md,
+eval-NAME_predictions.jsonl, so the run's own eval is kept. Bad input (no such split, no adapter, a bad schema file or
 metric) is a one-line MlxtuneError raised before the model is loaded.
 """
 
@@ -78,6 +80,21 @@ def check(cfg: Config) -> tuple[Schema | None, Callable | None]:
 
 
 def held_out(cfg: Config, split: str) -> tuple[list[data.Record], str]:
+    """The records to evaluate on and their format: the run's own `split`, or, with
+    eval.data, that file's `split` under the run's split rule (all of it when the run
+    names its data files instead of splitting one)."""
+    if cfg.eval.data:
+        from mlxtune.data.records import read_records
+        from mlxtune.data.splits import split_records
+
+        records, fmt = read_records(cfg.eval.data)
+        if cfg.data.path:
+            records = split_records(records, cfg.data.split, cfg.train.seed,
+                                    cfg.eval.data)[split]
+        if not records:
+            raise DataError(f"{cfg.eval.data}: its {split} split under this run's data.split "
+                            "is empty; evaluate another split with --split")
+        return records, fmt
     splits, fmt = data.load_splits(cfg.data, cfg.train.seed)
     records = splits[split]
     if not records:
@@ -162,9 +179,9 @@ def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def teacher_forced(model, held, cfg: Config, pad_id: int) -> tuple[dict, object]:
+def teacher_forced(model, held, cfg: Config, pad_id: int, fmt: str) -> tuple[dict, object]:
     """The loss-type metrics of one side: (metrics, raw scores for preference pairs)."""
-    if cfg.objective.type in objectives.PREFERENCE:
+    if fmt == "preference":
         raw = preference.score_side(model, held, pad_id, cfg.train.batch_size,
                                     cfg.train.loss_chunk)
         return preference.side_metrics(raw, cfg.objective), raw
@@ -174,12 +191,13 @@ def teacher_forced(model, held, cfg: Config, pad_id: int) -> tuple[dict, object]
 
 
 def measure_side(model, tokenizer, held, prompts, scorer: Scorer | None, cfg: Config,
-                 pad_id: int, max_new_tokens: int, log) -> tuple[dict, object, list[str]]:
+                 pad_id: int, max_new_tokens: int, log,
+                 fmt: str = "chat") -> tuple[dict, object, list[str]]:
     """(metrics, raw pair scores or None, generated texts) of the model as it is set up."""
     start = time.perf_counter()
     out, raw = {}, None
     if held:
-        out, raw = teacher_forced(model, held, cfg, pad_id)
+        out, raw = teacher_forced(model, held, cfg, pad_id, fmt)
         log(f"  loss {out['loss']:.4f} over {out['loss_tokens']} tokens "
             f"({time.perf_counter() - start:.0f} s)")
     texts: list[str] = []
@@ -263,8 +281,8 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None,
     which = adapter_dir(run_dir, ev.adapter)
     records, fmt = held_out(cfg, ev.split)
 
-    log(f"eval: {ev.split} split of {run_dir} ({len(records)} examples), adapter "
-        f"{which.name}/")
+    log(f"eval: {ev.split} split of {ev.data or run_dir} ({len(records)} examples), "
+        f"adapter {which.name}/")
     loaded = models.load(cfg.model)
     model, tok = loaded.model, loaded.tokenizer
     dtype = backend.compute_dtype(cfg.model.dtype)
@@ -299,8 +317,8 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None,
         log(f"{name} ({what}):")
         with setup:
             sides[name], raw[name], outputs[name] = measure_side(
-                model, tok, encoded.examples, prompts, scorer, cfg, pad_id, max_new, log)
-    if cfg.objective.type == "dpo" and encoded.examples:
+                model, tok, encoded.examples, prompts, scorer, cfg, pad_id, max_new, log, fmt)
+    if cfg.objective.type == "dpo" and fmt == "preference" and encoded.examples:
         reference = raw["start" if has_start else "base"]
         sides["tuned"].update(preference.dpo_rewards(raw["tuned"], reference, cfg.objective))
 
@@ -311,6 +329,7 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None,
     result = {
         "run_dir": str(run_dir),
         "split": ev.split,
+        "data": ev.data,
         "adapter": str(which),
         "start_adapter": cfg.model.adapter if has_start else None,
         "format": fmt,
@@ -329,7 +348,7 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None,
         "examples": predictions[:ev.show],
     }
     report.write(run_dir, result, [{k: v for k, v in p.items() if k != "prompt"}
-                                   for p in predictions])
+                                   for p in predictions], name=report.file_stem(ev.data))
     return result
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mlxtune.train.events import EventWriter
 
+# The files `write` makes (with eval.data: eval-NAME.json, eval-NAME.md, ...).
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
 PREDICTIONS = "eval_predictions.jsonl"  # every generation: source, reference, one per side
@@ -62,7 +63,8 @@ def rows(result: dict) -> list[tuple[str, ...]]:
 
 
 def headline(result: dict) -> str:
-    parts = [f"{result['split']} split: {result['split_examples']} examples"]
+    of = f" of {Path(result['data']).name}" if result.get("data") else ""
+    parts = [f"{result['split']} split{of}: {result['split_examples']} examples"]
     if result.get("generated_examples"):
         parts.append(f"greedy generation for {result['generated_examples']}, at most "
                      f"{result['max_new_tokens']} new tokens")
@@ -127,15 +129,23 @@ def to_json(result: dict) -> str:
     return json.dumps(_clean(result), indent=2, ensure_ascii=False)
 
 
-def write(run_dir: Path, result: dict, predictions: list[dict] = ()) -> None:
+def file_stem(data_path: str | None) -> str:
+    """'eval' for a run's own split; 'eval-NAME' for another data file (eval.data)."""
+    return "eval" if not data_path else f"eval-{Path(data_path).stem}"
+
+
+def write(run_dir: Path, result: dict, predictions: list[dict] = (),
+          name: str = "eval") -> None:
+    """eval.json, eval.md, eval_predictions.jsonl (with another `name`: NAME.json, ...)."""
     run_dir = Path(run_dir)
-    _atomic_write(run_dir / PREDICTIONS, "".join(json.dumps(p, ensure_ascii=False) + "\n"
-                                                 for p in predictions))
-    _atomic_write(run_dir / EVAL_JSON, to_json(result) + "\n")
-    _atomic_write(run_dir / EVAL_MD, markdown(result))
+    _atomic_write(run_dir / f"{name}_predictions.jsonl",
+                  "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    _atomic_write(run_dir / f"{name}.json", to_json(result) + "\n")
+    _atomic_write(run_dir / f"{name}.md", markdown(result))
     events = EventWriter(run_dir)
     try:
-        events.emit("eval", split=result["split"], adapter=result["adapter"],
+        data = {"data": result["data"]} if result.get("data") else {}
+        events.emit("eval", split=result["split"], adapter=result["adapter"], **data,
                     **{side: {k: v for k, v in result[side].items() if k in SUMMARY_KEYS}
                        for side in sides(result)})
     finally:

@@ -42,7 +42,7 @@ def build(cfg) -> callable:
         return with_metrics
     if o.type == "dpo":
         return partial(preference.dpo, loss=o.loss, beta=beta_of(o),
-                       label_smoothing=o.label_smoothing, chunk=chunk)
+                       label_smoothing=o.label_smoothing, rpo_alpha=o.rpo_alpha, chunk=chunk)
     if o.type == "orpo":
         return partial(preference.orpo, beta=beta_of(o), chunk=chunk)
     return partial(preference.simpo, beta=beta_of(o), gamma=o.simpo_gamma,

@@ -16,6 +16,9 @@ rejected answers, rc, rr the reference's, and h = (pc - rc) - (pr - rr):
 - dpo hinge (SLiC, Zhao et al. 2023):   max(0, 1 - beta h);
 - dpo robust (Chowdhury et al. 2024):   ((1 - e)(-log s(beta h)) - e(-log s(-beta h)))
   / (1 - 2e), an unbiased loss under preference labels flipped with probability e;
+- any dpo loss with rpo_alpha a > 0 (RPO, Pang et al. 2024; TRL's rpo_alpha): plus
+  a (-pc / |c|), the chosen answer's mean per-token negative log-likelihood, which keeps
+  DPO from lowering the chosen answer's probability while it widens the margin;
 - orpo (Hong et al. 2024), no reference: -mean log p(chosen) - beta log s(log odds ratio),
   odds(y) = P / (1 - P) with log P the answer's mean per-token log-prob;
 - simpo (Meng et al. 2024), no reference: -log s(beta (pc / |c| - pr / |r|) - gamma), the
@@ -120,17 +123,27 @@ def reward_metrics(chosen_rewards, rejected_rewards, logps_chosen, logps_rejecte
 # ----------------------------------------------------------------------------- objectives
 
 
+def rpo_nll(pc, len_c) -> mx.array:
+    """Per-pair NLL term of RPO: the chosen answer's mean per-token negative log-prob."""
+    return -pc / len_c
+
+
 def dpo(model: nn.Module, tokens: mx.array, mask: mx.array, ref_logps: mx.array, *,
         loss: str = "sigmoid", beta: float = DEFAULT_BETA["dpo"],
-        label_smoothing: float = 0.0, chunk: int = 0):
+        label_smoothing: float = 0.0, rpo_alpha: float = 0.0, chunk: int = 0):
     """DPO over a batch of pairs; `ref_logps` [2B] are the reference policy's summed
-    log-probs of the same rows (mlxtune.objectives.reference)."""
-    logps, _ = sequence_logps(model, tokens, mask, chunk)
+    log-probs of the same rows (mlxtune.objectives.reference). rpo_alpha > 0 adds RPO's
+    NLL term on the chosen answers (and an nll_loss metric)."""
+    logps, lengths = sequence_logps(model, tokens, mask, chunk)
     pc, pr = split_pairs(logps)
     rc, rr = split_pairs(mx.stop_gradient(ref_logps))
     losses = dpo_losses(pc, pr, rc, rr, loss, beta, label_smoothing)
     metrics = reward_metrics(beta * mx.stop_gradient(pc - rc), beta * mx.stop_gradient(pr - rr),
                              mx.stop_gradient(pc), mx.stop_gradient(pr))
+    if rpo_alpha > 0:
+        nll = rpo_nll(pc, split_pairs(lengths)[0])
+        losses = losses + rpo_alpha * nll
+        metrics["nll_loss"] = mx.stop_gradient(nll).sum()
     return losses.sum(), mx.array(pc.shape[0], mx.float32), metrics
 
 

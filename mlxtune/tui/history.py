@@ -123,7 +123,7 @@ class RunHistory:
             self.checkpoints.append((e.get("step"), e.get("path")))
         elif kind == "stop":
             self.stop = e
-        elif kind == "eval":
+        elif kind == "eval" and not e.get("data"):  # not an eval on another data file
             self.eval = e
         if t is not None:
             self.last_time = t

@@ -92,7 +92,8 @@ def doctor(as_json):
               help="User metric function(prediction, reference) -> float.")
 @click.option("--data", "data_file", type=click.Path(dir_okay=False),
               help="Evaluate on another data file (its held-out split under the run's "
-                   "data.split); writes eval-NAME.json etc. beside the run's own eval.")
+                   "data.split; generation for all of it unless --limit); writes "
+                   "eval-NAME.json etc. beside the run's own eval.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def eval_command(run_dir, split, adapter, limit, max_new_tokens, schema, metric, data_file,

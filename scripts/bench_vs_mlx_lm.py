@@ -16,7 +16,11 @@ validation code on the same held-out set, for both adapters) and the tokens trai
 there, and MFU: model FLOPs per second over this machine's measured float32 matmul FLOP/s.
 Model FLOPs of a LoRA step are forward + the backward pass for the activations (2x the
 forward FLOPs of the frozen base: no weight gradients) plus the adapters' own forward and
-backward; averaged over the data set per loss-bearing token.
+backward, averaged over the data set per step (the same steps for both tools).
+
+The tools differ in where the loss goes on multi-turn chats: mlx-lm's --mask-prompt puts
+it on the last assistant message only, mlxtune on every assistant turn, so mlxtune trains
+on more loss-bearing tokens from the same examples; steps/s compares the same work.
 
     .venv/bin/python scripts/bench_vs_mlx_lm.py --steps 8 --variant default \
         --variant mbt2048:train.max_batch_tokens=2048 --out docs/bench_vs_mlx_lm.json
@@ -25,6 +29,7 @@ backward; averaged over the data set per loss-bearing token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -130,9 +135,10 @@ def run_mlxtune(model: Path, data: Path, steps: int, work: Path, overrides: list
             "adapter": str(run_dir / "adapters"), "wall_sec": time.perf_counter() - start}
 
 
-def held_out_loss(model_dir: Path, data: Path, adapter: Path) -> float:
-    """Mean loss per loss-bearing token of the valid set with the adapter, by mlxtune's
-    own validation code (the same for both tools' adapters)."""
+def held_out_loss(model_dir: Path, data: Path, adapter: Path | None) -> tuple[float, float]:
+    """Mean loss per loss-bearing token of the valid set with the adapter (None: the base),
+    by mlxtune's own validation code (the same for both tools' adapters): over every
+    assistant turn (mlxtune's mask), and over the last assistant message only (mlx-lm's)."""
     code = f"""
 import json, sys
 import mlxtune
@@ -143,23 +149,38 @@ cfg = config.from_dict({{"model": {{"path": "{model_dir}"}},
                          "data": {{"train": "{data}/valid.jsonl", "max_seq_len": {SEQ},
                                    "mask_prompt": True}}}})
 loaded = models.load(cfg.model)
-adapters.load(loaded.model, __import__("pathlib").Path("{adapter}"))
+if "{adapter}" != "None":
+    adapters.load(loaded.model, __import__("pathlib").Path("{adapter}"))
 records, fmt = D.read_records("{data}/valid.jsonl")
 enc = D.encode(records, loaded.tokenizer, {SEQ}, True, fmt)
-total, ntok = 0.0, 0
-for idx in D.batch_order([len(e.tokens) for e in enc.examples], 4, 0, 0):
-    t, m = D.collate([enc.examples[i] for i in idx], _pad_id(loaded.tokenizer), PAD_MULTIPLE)
-    s, n = objectives.sft(loaded.model, t, m)
-    total += s.item(); ntok += int(n.item())
-print(total / ntok)
+
+def last_turn(e):
+    end = max(i for i, m in enumerate(e.mask) if m) + 1
+    start = end
+    while start > 0 and e.mask[start - 1]:
+        start -= 1
+    return D.Example(e.tokens, [start <= i < end for i in range(len(e.mask))], e.source)
+
+out = []
+for examples in (enc.examples, [last_turn(e) for e in enc.examples]):
+    total, ntok = 0.0, 0
+    for idx in D.batch_order([len(e.tokens) for e in examples], 4, 0, 0):
+        t, m = D.collate([examples[i] for i in idx], _pad_id(loaded.tokenizer), PAD_MULTIPLE)
+        s, n = objectives.sft(loaded.model, t, m)
+        total += s.item(); ntok += int(n.item())
+    out.append(total / ntok)
+print(json.dumps(out))
 """
     out = subprocess.run([str(ROOT / ".venv/bin/python"), "-c", code], check=True,
                          capture_output=True, text=True, cwd=ROOT).stdout
-    return float(out.strip().splitlines()[-1])
+    every, last = json.loads(out.strip().splitlines()[-1])
+    return every, last
 
 
-def flops_per_loss_token(model_dir: Path, data: Path) -> float:
-    """Model FLOPs of a LoRA training step per loss-bearing token, over the train set."""
+def flops_per_example(model_dir: Path, data: Path) -> float:
+    """Model FLOPs of a LoRA training step per example, averaged over the train set. Both
+    tools step through the same examples (an epoch, BATCH a step), so FLOPs per step are
+    BATCH times this for both, whichever tokens each one puts the loss on."""
     import mlxtune  # noqa: F401
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -179,31 +200,39 @@ def flops_per_loss_token(model_dir: Path, data: Path) -> float:
     tokenizer = load_tokenizer(model_dir)
     records, fmt = D.read_records(data / "train.jsonl")
     enc = D.encode(records, tokenizer, SEQ, True, fmt)
-    total, loss_tokens = 0.0, 0
+    total = 0.0
     for e in enc.examples:
         n = len(e.tokens)
         attention_fwd = layers * 4 * heads * hd * n * (n + 1) / 2
         fwd = n * per_token_fwd + attention_fwd
         # backward: activations of the frozen base (= forward), LoRA weight grads (2x its fwd)
         total += 2 * fwd + n * layers * 2 * 2 * lora
-        loss_tokens += sum(e.mask)
-    return total / loss_tokens
+    return total / len(enc.examples)
+
+
+_MATMUL = """
+import time
+import mlxtune  # the system OpenBLAS, loaded before mlx.core as in the training processes
+import mlx.core as mx
+best = 0.0
+for m, k, n in [(4096, 576, 1536), (4096, 1536, 576), (2048, 2048, 2048)]:
+    a, b = mx.random.normal((m, k)), mx.random.normal((k, n))
+    mx.eval(a @ b)
+    reps, start = 5, time.perf_counter()
+    for _ in range(reps):
+        mx.eval(a @ b)
+    best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start))
+print(best)
+"""
 
 
 def matmul_flops() -> float:
-    """This machine's float32 matmul FLOP/s through MLX (best of a few training shapes)."""
-    import mlxtune  # noqa: F401
-    import mlx.core as mx
-
-    best = 0.0
-    for m, k, n in [(4096, 576, 1536), (4096, 1536, 576), (2048, 2048, 2048)]:
-        a, b = mx.random.normal((m, k)), mx.random.normal((k, n))
-        mx.eval(a @ b)
-        reps, start = 5, time.perf_counter()
-        for _ in range(reps):
-            mx.eval(a @ b)
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start))
-    return best
+    """This machine's float32 matmul FLOP/s through MLX and the BLAS both trainers use
+    (best of a few training shapes), in a fresh process: this one has imported mlx.core
+    already, bound to whatever BLAS came first."""
+    out = subprocess.run([str(ROOT / ".venv/bin/python"), "-c", _MATMUL], check=True,
+                         capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -217,16 +246,21 @@ def main() -> None:
     p.add_argument("--mlx-lm-bundled-blas", action="store_true")
     p.add_argument("--skip-mlx-lm", action="store_true")
     p.add_argument("--out", type=Path)
+    p.add_argument("--keep", type=Path, metavar="DIR",
+                   help="work in DIR and keep it (data, adapters, run directories)")
     args = p.parse_args()
 
     from bench_step import save_base_folders
 
-    with tempfile.TemporaryDirectory(prefix="mlxtune-vs-mlx-lm-") as tmp:
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(args.keep)) if args.keep else
+          tempfile.TemporaryDirectory(prefix="mlxtune-vs-mlx-lm-")) as tmp:
         work = Path(tmp)
         _, dense = save_base_folders(work)
         data = write_data(work, args.examples)
         peak_flops = matmul_flops()
-        per_token = flops_per_loss_token(dense, data)
+        per_example = flops_per_example(dense, data)
         rows = []
         if not args.skip_mlx_lm:
             rows.append(run_mlx_lm(dense, data, args.steps, work, not args.mlx_lm_bundled_blas))
@@ -234,28 +268,33 @@ def main() -> None:
             name, _, sets = variant.partition(":")
             rows.append(run_mlxtune(dense, data, args.steps, work,
                                     [x for x in sets.split(",") if x], name))
+        base_loss = held_out_loss(dense, data, None)
         for r in rows:
             adapter = Path(r.pop("adapter"))
-            r["held_out_loss"] = held_out_loss(dense, data, adapter)
-            r["mfu"] = r["loss_tokens_per_sec"] * per_token / peak_flops
+            r["held_out_loss"], r["held_out_loss_last_turn"] = held_out_loss(dense, data,
+                                                                              adapter)
+            r["mfu"] = BATCH * per_example / r["sec_per_step"] / peak_flops
 
-    print(f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s; {per_token / 1e9:.2f} GFLOP per "
-          "loss-bearing token")
+    print(f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s; {BATCH * per_example / 1e9:.0f} "
+          "model GFLOP per step (mean)")
+    print(f"held-out loss of the base: {base_loss[0]:.4f} (every assistant turn), "
+          f"{base_loss[1]:.4f} (last assistant message)")
     print(f"{'tool':<20} {'tok/s':>7} {'s/step':>7} {'peak GB':>8} {'tokens':>7} "
-          f"{'held-out':>9} {'MFU':>6}")
+          f"{'held-out':>9} {'(last)':>7} {'MFU':>6}")
     for r in rows:
         print(f"{r['tool']:<20} {r['loss_tokens_per_sec']:>7.1f} {r['sec_per_step']:>7.1f} "
               f"{r['peak_memory_gb']:>8.2f} {r['tokens_trained']:>7} {r['held_out_loss']:>9.4f} "
-              f"{r['mfu']:>6.1%}")
+              f"{r['held_out_loss_last_turn']:>7.4f} {r['mfu']:>6.1%}")
     if not args.skip_mlx_lm:
         a = rows[0]
         for b in rows[1:]:
             print(f"{b['tool']} / mlx-lm: "
                   f"{b['loss_tokens_per_sec'] / a['loss_tokens_per_sec']:.2f}x tokens/s, "
+                  f"{a['sec_per_step'] / b['sec_per_step']:.2f}x steps/s, "
                   f"{b['peak_memory_gb'] / a['peak_memory_gb']:.2f}x peak memory")
     if args.out:
-        args.out.write_text(json.dumps({"matmul_flops": peak_flops,
-                                        "flops_per_loss_token": per_token, "rows": rows},
+        args.out.write_text(json.dumps({"matmul_flops": peak_flops, "base_held_out_loss": base_loss,
+                                        "flops_per_step": BATCH * per_example, "rows": rows},
                                        indent=2))
 
 

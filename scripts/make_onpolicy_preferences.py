@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CHUNK = 64  # prompts per progress line
+CHUNK = 128  # prompts per progress line
 
 
 def same_answer(a: str, b: str) -> bool:

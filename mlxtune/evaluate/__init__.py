@@ -45,14 +45,21 @@ PAD_MULTIPLE = 32  # as the trainer pads, so eval losses equal validation losses
 
 
 def load_run_config(run_dir: Path, overrides: dict | None = None) -> Config:
-    """The run's resolved config with `eval.*` overrides ({key: value}) applied."""
+    """The run's resolved config with `eval.*` overrides ({key: value}) applied; None
+    values leave the run's setting, except that another data file (`data`) without an
+    `examples` override is generated for in full (the run's eval.examples counted its
+    own split)."""
     path = Path(run_dir) / "config.yaml"
     if not Path(run_dir).is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
     if not path.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     # JSON values are YAML, so --set parses each value back exactly.
-    sets = [f"eval.{k}={json.dumps(v)}" for k, v in (overrides or {}).items() if v is not None]
+    overrides = dict(overrides or {})
+    if overrides.get("data") and overrides.get("examples") is None:
+        overrides["examples"] = "all"
+    sets = [f"eval.{k}={json.dumps(None if v == 'all' else v)}"
+            for k, v in overrides.items() if v is not None]
     return config.load(path, sets)
 
 

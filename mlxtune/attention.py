@@ -54,15 +54,20 @@ def blockwise_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mas
     for start in range(0, length, block):
         end = min(start + block, length)
         scores = qg[..., start:end, :] @ kg[..., :end, :].swapaxes(-1, -2)
+        # Masked scores get the dtype's lowest finite value, not -inf (as mlx_lm does): a
+        # query that may see no key at all (the left padding of a batched prompt) then
+        # gets a finite, unused output instead of NaN, which would reach every later
+        # position through 0 * NaN in the next layer's probs @ values.
+        lowest = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
         if isinstance(mask, str):
             keep = mx.arange(end)[None, :] <= mx.arange(start, end)[:, None]
-            scores = mx.where(keep, scores, mx.array(-mx.inf, scores.dtype))
+            scores = mx.where(keep, scores, lowest)
         elif mask is not None:
             part = mask[..., start:end, :end]
             if part.dtype == mx.bool_:
-                scores = mx.where(part, scores, mx.array(-mx.inf, scores.dtype))
+                scores = mx.where(part, scores, lowest)
             else:
-                scores = scores + part.astype(scores.dtype)
+                scores = mx.maximum(scores + part.astype(scores.dtype), lowest)
         probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(vg.dtype)
         outs.append(probs @ vg[..., :end, :])
     return mx.concatenate(outs, axis=-2).reshape(b, h, length, v.shape[-1])

@@ -245,6 +245,7 @@ def main() -> None:
                         "'mbt2048:train.max_batch_tokens=2048'; default: one run, 'default'")
     p.add_argument("--mlx-lm-bundled-blas", action="store_true")
     p.add_argument("--skip-mlx-lm", action="store_true")
+    p.add_argument("--skip-mlxtune", action="store_true", help="mlx-lm's run alone")
     p.add_argument("--out", type=Path)
     p.add_argument("--keep", type=Path, metavar="DIR",
                    help="work in DIR and keep it (data, adapters, run directories)")
@@ -264,7 +265,7 @@ def main() -> None:
         rows = []
         if not args.skip_mlx_lm:
             rows.append(run_mlx_lm(dense, data, args.steps, work, not args.mlx_lm_bundled_blas))
-        for variant in args.variants or ["default"]:
+        for variant in [] if args.skip_mlxtune else args.variants or ["default"]:
             name, _, sets = variant.partition(":")
             rows.append(run_mlxtune(dense, data, args.steps, work,
                                     [x for x in sets.split(",") if x], name))

@@ -158,6 +158,7 @@ def main() -> int:
     fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.")
     with os.fdopen(fd, "w") as f:
         f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in out)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; this is a data file like any other
     os.replace(tmp, args.out)
     right = len(todo) - sum(replaced.values())
     log(f"wrote {args.out}: {len(out)} pairs; the SFT model's own wrong answer is the "

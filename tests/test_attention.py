@@ -39,6 +39,24 @@ def test_causal_blocks_equal_numpy_and_mlx(h, hk, length, block):
     np.testing.assert_allclose(np.array(got), np.array(fused), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_a_query_that_sees_no_key_stays_finite(kind):
+    """Left padding of a batched prompt: the padded queries may attend to nothing. Their
+    output is unused but must be finite, and the other queries' outputs unchanged."""
+    b, h, hk, length, pad = 1, 4, 2, 40, 9
+    q, k, v = _qkv(2, b, h, hk, length, 8)
+    pos = np.arange(length)
+    allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= pad)  # keys before pad: none
+    mask = mx.array(allowed)[None, None]
+    if kind == "additive":
+        mask = mx.where(mask, 0.0, -mx.inf)
+    got = np.array(attention.blockwise_attention(q, k, v, 0.3, mask, block=16))
+    assert np.isfinite(got).all()
+    want = mx.fast.scaled_dot_product_attention(q[..., pad:, :], k[..., pad:, :],
+                                                v[..., pad:, :], scale=0.3, mask="causal")
+    np.testing.assert_allclose(got[..., pad:, :], np.array(want), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["bool", "additive", "per-head"])
 def test_array_masks_equal_mlx(kind):
     b, h, hk, length = 2, 4, 2, 40

@@ -197,6 +197,27 @@ def test_batched_greedy_equals_one_at_a_time_full_forwards(tiny):
     assert any(g.stopped for g in gens) and not all(g.stopped for g in gens)
 
 
+def test_batched_greedy_with_long_left_padded_prompts_under_blockwise_attention(
+        tiny_model_dir, monkeypatch):
+    """Prompts longer than attention.BLOCK, batched with left padding, through the CPU
+    blockwise attention mlxtune installs: a padded row's first queries see no key at all,
+    which must not turn the row into NaN (it did with -inf masking: every answer decoded to
+    token 0)."""
+    from mlx_lm.utils import load_model
+
+    from mlxtune import attention
+
+    monkeypatch.setattr(attention, "BLOCK", 16)  # the same path as 128, on short prompts
+    model, _ = load_model(tiny_model_dir)
+    assert attention.install(model)
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(3, 200, n)] for n in (40, 23, 31, 18, 40, 27)]
+    gens, _ = generate.greedy(model, prompts, set(), max_new_tokens=5, batch_size=6)
+    for p, g in zip(prompts, gens):
+        ref, _ = reference_greedy(model, p, set(), 5)
+        assert g.tokens == ref
+
+
 def test_greedy_matches_mlx_lm_generate(tiny):
     from mlx_lm.generate import generate as mlx_lm_generate
 

@@ -94,10 +94,12 @@ def doctor(as_json):
               help="Evaluate on another data file (its held-out split under the run's "
                    "data.split; generation for all of it unless --limit); writes "
                    "eval-NAME.json etc. beside the run's own eval.")
+@click.option("--no-base", is_flag=True,
+              help="Skip the base side (adapters off), the slowest to decode.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def eval_command(run_dir, split, adapter, limit, max_new_tokens, schema, metric, data_file,
-                 as_json, quiet):
+                 no_base, as_json, quiet):
     """Base vs tuned on a held-out split; writes eval.json and eval.md into RUN_DIR."""
     from pathlib import Path
 
@@ -109,7 +111,8 @@ def eval_command(run_dir, split, adapter, limit, max_new_tokens, schema, metric,
     overrides = {"split": split, "adapter": adapter, "examples": limit,
                  "max_new_tokens": max_new_tokens, "metric": metric,
                  "schema": str(Path(schema).resolve()) if schema else None,
-                 "data": str(Path(data_file).resolve()) if data_file else None}
+                 "data": str(Path(data_file).resolve()) if data_file else None,
+                 "base": False if no_base else None}
     log = (lambda _m: None) if quiet else (lambda m: click.echo(m, err=True))
     result = evaluate_run(Path(run_dir), overrides, log=log)
     click.echo(report.to_json(result) if as_json else report.table(result))

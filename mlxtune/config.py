@@ -162,6 +162,9 @@ class EvalConfig:
     # Another data file to evaluate on (e.g. a DPO run on the SFT task data): its `split`
     # under this run's data.split rule and seed, or all of it when the run names its files.
     data: Optional[str] = None
+    # Measure the base (adapters off) too; false skips that side, the slowest to decode
+    # (an untuned model rambles to max_new_tokens) when its numbers are already known.
+    base: bool = True
     show: int = field(default=3, metadata={"min": 0})  # examples side by side
     # Dequantize a quantized base once for eval on the CPU backend (same weights, faster
     # decoding); auto: when its float32 copy takes under a quarter of the memory.

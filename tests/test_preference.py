@@ -604,15 +604,17 @@ def test_eval_on_another_data_file_measures_the_sft_task(dpo_workdir, capsys):
     # eval.examples (0: no generation on the run's own pairs) does not carry over to
     # another file, which is generated for in full unless --limit says otherwise.
     code, out = run_cli(["eval", str(run_dir), "--data", str(dpo_workdir / "chats.jsonl"),
-                         "--split", "valid", "--max-new-tokens", "4", "--json", "--quiet"],
-                        capsys)
+                         "--split", "valid", "--max-new-tokens", "4", "--json", "--quiet",
+                         "--no-base"], capsys)
     assert code == 0, out.err
     result = json.loads(out.out)
+    assert "base" not in result  # --no-base
+    assert "| | start | tuned |" in (run_dir / "eval-chats.md").read_text()
     assert not (run_dir / "eval.json").exists()
     assert json.loads((run_dir / "eval-chats.json").read_text()) == result
     assert (run_dir / "eval-chats.md").read_text().startswith("# Evaluation")
     assert "valid split of chats.jsonl" in (run_dir / "eval-chats.md").read_text()
-    assert result["format"] == "chat" and set(result) >= {"base", "start", "tuned"}
+    assert result["format"] == "chat" and set(result) >= {"start", "tuned"}
     # The file's valid split under the run's rule: the same users as the pairs' valid split.
     split = SplitConfig(by="user", valid=0.3, test=0.0)
     records, _ = read_records(dpo_workdir / "chats.jsonl")

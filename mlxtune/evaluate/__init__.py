@@ -261,9 +261,9 @@ def load_adapters(model, cfg: Config, which: Path, log) -> bool:
     return True
 
 
-def sides_of(model, has_start: bool) -> list[tuple[str, str, object]]:
+def sides_of(model, has_start: bool, base: bool = True) -> list[tuple[str, str, object]]:
     """(name, description, context that sets the model up) in the order they run."""
-    sides = [("base", "adapter off", _adapter_off(model))]
+    sides = [("base", "adapter off", _adapter_off(model))] if base else []
     if has_start:
         sides.append(("start", "the adapter the run started from",
                       adapters.reference_pass(model)))
@@ -320,14 +320,16 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None,
 
     sides, raw, outputs = {}, {}, {}
     pad_id = _pad_id(tok)
-    for name, what, setup in sides_of(model, has_start):
+    for name, what, setup in sides_of(model, has_start, ev.base):
         log(f"{name} ({what}):")
         with setup:
             sides[name], raw[name], outputs[name] = measure_side(
                 model, tok, encoded.examples, prompts, scorer, cfg, pad_id, max_new, log, fmt)
-    if cfg.objective.type == "dpo" and fmt == "preference" and encoded.examples:
-        reference = raw["start" if has_start else "base"]
-        sides["tuned"].update(preference.dpo_rewards(raw["tuned"], reference, cfg.objective))
+    reference_side = "start" if has_start else "base"
+    if (cfg.objective.type == "dpo" and fmt == "preference" and encoded.examples
+            and reference_side in raw):
+        sides["tuned"].update(preference.dpo_rewards(raw["tuned"], raw[reference_side],
+                                                     cfg.objective))
 
     names = list(sides)
     predictions = [{"source": r.source, "prompt": p[2], "reference": p[1],

@@ -80,6 +80,9 @@ class DataConfig:
     max_seq_len: int = field(default=1024, metadata={"min": 8})
     # Loss on completion / assistant tokens only. None: on for chat and completions data.
     mask_prompt: Optional[bool] = None
+    # Chat data: loss on the last assistant turn only, earlier ones being context (as
+    # LLaMA-Factory's mask_history and mlx-lm's --mask-prompt); false: every assistant turn.
+    mask_history: bool = False
     # Several examples per row of max_seq_len tokens (no attention across them): true,
     # false, or "auto" (pack when it costs fewer model FLOPs than length-bucketed batches).
     packing: Union[bool, str] = field(default="auto", metadata=_choices("auto", True, False))

@@ -60,7 +60,8 @@ def _encode(split: str, records, fmt, tokenizer, cfg: Config, progress: Progress
         enc = encode_pairs(records, tokenizer, cfg.data.max_seq_len)
         what = "pairs"
     else:
-        enc = data.encode(records, tokenizer, cfg.data.max_seq_len, cfg.data.mask_prompt, fmt)
+        enc = data.encode(records, tokenizer, cfg.data.max_seq_len, cfg.data.mask_prompt, fmt,
+                          cfg.data.mask_history)
         what = "examples"
     if enc.n_truncated or enc.n_dropped:
         progress.message(f"{split}: {enc.n_truncated} of {len(records)} {what} truncated to "

@@ -22,6 +22,11 @@ The tools differ in where the loss goes on multi-turn chats: mlx-lm's --mask-pro
 it on the last assistant message only, mlxtune on every assistant turn, so mlxtune trains
 on more loss-bearing tokens from the same examples; steps/s compares the same work.
 
+The same loss tokens: the variant `last:data.mask_history=true` puts mlxtune's loss on the
+last assistant message as mlx-lm does. --seeds N runs every tool with seeds 0..N-1 (the
+initial adapter and the batch order) and reports the spread of the held-out losses, so a
+difference between tools can be told from seed noise.
+
     .venv/bin/python scripts/bench_vs_mlx_lm.py --steps 8 --variant default \
         --variant mbt2048:train.max_batch_tokens=2048 --out docs/bench_vs_mlx_lm.json
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,13 +82,14 @@ def write_data(work: Path, n: int) -> Path:
     return folder
 
 
-def run_mlx_lm(model: Path, data: Path, steps: int, work: Path, system_blas: bool) -> dict:
-    adapters = work / "mlx-lm-adapters"
-    config = work / "mlx-lm.yaml"
+def run_mlx_lm(model: Path, data: Path, steps: int, work: Path, system_blas: bool,
+               seed: int) -> dict:
+    adapters = work / f"mlx-lm-adapters-seed{seed}"
+    config = work / f"mlx-lm-seed{seed}.yaml"
     config.write_text(yaml.safe_dump({
         "model": str(model), "train": True, "data": str(data), "fine_tune_type": "lora",
         "num_layers": -1, "batch_size": BATCH, "iters": steps, "learning_rate": LR,
-        "max_seq_length": SEQ, "mask_prompt": True, "seed": 0, "optimizer": "adam",
+        "max_seq_length": SEQ, "mask_prompt": True, "seed": seed, "optimizer": "adam",
         "lora_parameters": {"rank": RANK, "scale": SCALE, "dropout": 0.0, "keys": TARGETS},
         "steps_per_report": 1, "steps_per_eval": 100 * steps, "val_batches": 1,
         "save_every": 100 * steps, "adapter_path": str(adapters)}))
@@ -97,7 +104,7 @@ def run_mlx_lm(model: Path, data: Path, steps: int, work: Path, system_blas: boo
     later = reports[1:]
     seconds = sum(1 / r["iterations_per_second"] for r in later)
     tokens = reports[-1]["trained_tokens"] - reports[0]["trained_tokens"]
-    return {"tool": "mlx-lm", "loss_tokens_per_sec": tokens / seconds,
+    return {"tool": "mlx-lm", "seed": seed, "loss_tokens_per_sec": tokens / seconds,
             "sec_per_step": seconds / len(later),
             "peak_memory_gb": max(r["peak_memory"] for r in reports),
             "tokens_trained": reports[-1]["trained_tokens"],
@@ -106,9 +113,9 @@ def run_mlx_lm(model: Path, data: Path, steps: int, work: Path, system_blas: boo
 
 
 def run_mlxtune(model: Path, data: Path, steps: int, work: Path, overrides: list[str],
-                name: str) -> dict:
-    run_dir = work / f"mlxtune-{name}"
-    config = work / f"mlxtune-{name}.yaml"
+                name: str, seed: int) -> dict:
+    run_dir = work / f"mlxtune-{name}-seed{seed}"
+    config = work / f"mlxtune-{name}-seed{seed}.yaml"
     config.write_text(yaml.safe_dump({
         "name": "bench", "model": {"path": str(model)},
         "adapter": {"rank": RANK, "alpha": RANK * SCALE,
@@ -117,7 +124,7 @@ def run_mlxtune(model: Path, data: Path, steps: int, work: Path, overrides: list
                  "max_seq_len": SEQ, "mask_prompt": True},
         "train": {"iters": steps, "batch_size": BATCH, "learning_rate": LR,
                   "optimizer": "adam", "max_grad_norm": None, "eval_every": 0,
-                  "save_every": 0, "log_every": 1, "seed": 0},
+                  "save_every": 0, "log_every": 1, "seed": seed},
     }))
     sets = [a for o in overrides for a in ("--set", o)]
     start = time.perf_counter()
@@ -127,7 +134,8 @@ def run_mlxtune(model: Path, data: Path, steps: int, work: Path, overrides: list
     train = [e for e in events if e["event"] == "train"]
     first, last = train[0], train[-1]
     start_event = next(e for e in events if e["event"] == "start")
-    return {"tool": f"mlxtune {name}", "overrides": overrides, "packing": start_event.get("packing"),
+    return {"tool": f"mlxtune {name}", "seed": seed, "overrides": overrides,
+            "packing": start_event.get("packing"),
             "loss_tokens_per_sec": (last["tokens"] - first["tokens"]) / (last["time"] - first["time"]),
             "sec_per_step": (last["time"] - first["time"]) / (last["step"] - first["step"]),
             "peak_memory_gb": max(e["peak_memory_gb"] for e in train),
@@ -152,17 +160,9 @@ loaded = models.load(cfg.model)
 if "{adapter}" != "None":
     adapters.load(loaded.model, __import__("pathlib").Path("{adapter}"))
 records, fmt = D.read_records("{data}/valid.jsonl")
-enc = D.encode(records, loaded.tokenizer, {SEQ}, True, fmt)
-
-def last_turn(e):
-    end = max(i for i, m in enumerate(e.mask) if m) + 1
-    start = end
-    while start > 0 and e.mask[start - 1]:
-        start -= 1
-    return D.Example(e.tokens, [start <= i < end for i in range(len(e.mask))], e.source)
-
 out = []
-for examples in (enc.examples, [last_turn(e) for e in enc.examples]):
+for last_only in (False, True):
+    examples = D.encode(records, loaded.tokenizer, {SEQ}, True, fmt, last_only).examples
     total, ntok = 0.0, 0
     for idx in D.batch_order([len(e.tokens) for e in examples], 4, 0, 0):
         t, m = D.collate([examples[i] for i in idx], _pad_id(loaded.tokenizer), PAD_MULTIPLE)
@@ -236,8 +236,14 @@ def matmul_flops() -> float:
 
 
 def main() -> None:
+    global SEQ
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=SEQ,
+                   help="max sequence length of both trainers (the issue's setting: 1024)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="run every tool with seeds 0..N-1 and report the held-out losses' "
+                        "spread")
     p.add_argument("--examples", type=int, default=600)
     p.add_argument("--variant", dest="variants", action="append", default=[],
                    metavar="NAME[:KEY=VALUE,...]",
@@ -250,6 +256,7 @@ def main() -> None:
     p.add_argument("--keep", type=Path, metavar="DIR",
                    help="work in DIR and keep it (data, adapters, run directories)")
     args = p.parse_args()
+    SEQ = args.seq_len
 
     from bench_step import save_base_folders
 
@@ -263,12 +270,14 @@ def main() -> None:
         peak_flops = matmul_flops()
         per_example = flops_per_example(dense, data)
         rows = []
-        if not args.skip_mlx_lm:
-            rows.append(run_mlx_lm(dense, data, args.steps, work, not args.mlx_lm_bundled_blas))
-        for variant in [] if args.skip_mlxtune else args.variants or ["default"]:
-            name, _, sets = variant.partition(":")
-            rows.append(run_mlxtune(dense, data, args.steps, work,
-                                    [x for x in sets.split(",") if x], name))
+        for seed in range(args.seeds):
+            if not args.skip_mlx_lm:
+                rows.append(run_mlx_lm(dense, data, args.steps, work,
+                                       not args.mlx_lm_bundled_blas, seed))
+            for variant in [] if args.skip_mlxtune else args.variants or ["default"]:
+                name, _, sets = variant.partition(":")
+                rows.append(run_mlxtune(dense, data, args.steps, work,
+                                        [x for x in sets.split(",") if x], name, seed))
         base_loss = held_out_loss(dense, data, None)
         for r in rows:
             adapter = Path(r.pop("adapter"))
@@ -280,23 +289,47 @@ def main() -> None:
           "model GFLOP per step (mean)")
     print(f"held-out loss of the base: {base_loss[0]:.4f} (every assistant turn), "
           f"{base_loss[1]:.4f} (last assistant message)")
-    print(f"{'tool':<20} {'tok/s':>7} {'s/step':>7} {'peak GB':>8} {'tokens':>7} "
+    print(f"{'tool':<20} {'seed':>4} {'tok/s':>7} {'s/step':>7} {'peak GB':>8} {'tokens':>7} "
           f"{'held-out':>9} {'(last)':>7} {'MFU':>6}")
     for r in rows:
-        print(f"{r['tool']:<20} {r['loss_tokens_per_sec']:>7.1f} {r['sec_per_step']:>7.1f} "
-              f"{r['peak_memory_gb']:>8.2f} {r['tokens_trained']:>7} {r['held_out_loss']:>9.4f} "
-              f"{r['held_out_loss_last_turn']:>7.4f} {r['mfu']:>6.1%}")
+        print(f"{r['tool']:<20} {r['seed']:>4} {r['loss_tokens_per_sec']:>7.1f} "
+              f"{r['sec_per_step']:>7.1f} {r['peak_memory_gb']:>8.2f} {r['tokens_trained']:>7} "
+              f"{r['held_out_loss']:>9.4f} {r['held_out_loss_last_turn']:>7.4f} {r['mfu']:>6.1%}")
+    summary = summarize(rows)
+    if args.seeds > 1:
+        print("held-out loss over seeds, mean (sd) [min, max]: every assistant turn | last")
+        for tool, s in summary.items():
+            e, l = s["held_out_loss"], s["held_out_loss_last_turn"]
+            print(f"{tool:<20} {e['mean']:.4f} ({e['sd']:.4f}) [{e['min']:.4f}, {e['max']:.4f}]"
+                  f" | {l['mean']:.4f} ({l['sd']:.4f}) [{l['min']:.4f}, {l['max']:.4f}]")
     if not args.skip_mlx_lm:
-        a = rows[0]
-        for b in rows[1:]:
+        a = next(r for r in rows if r["tool"] == "mlx-lm")
+        for b in rows:
+            if b["tool"] == "mlx-lm" or b["seed"] != a["seed"]:
+                continue
             print(f"{b['tool']} / mlx-lm: "
                   f"{b['loss_tokens_per_sec'] / a['loss_tokens_per_sec']:.2f}x tokens/s, "
                   f"{a['sec_per_step'] / b['sec_per_step']:.2f}x steps/s, "
                   f"{b['peak_memory_gb'] / a['peak_memory_gb']:.2f}x peak memory")
     if args.out:
-        args.out.write_text(json.dumps({"matmul_flops": peak_flops, "base_held_out_loss": base_loss,
-                                        "flops_per_step": BATCH * per_example, "rows": rows},
-                                       indent=2))
+        args.out.write_text(json.dumps({"seq_len": SEQ, "matmul_flops": peak_flops,
+                                        "base_held_out_loss": base_loss,
+                                        "flops_per_step": BATCH * per_example, "rows": rows,
+                                        "over_seeds": summary}, indent=2))
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per tool: mean, sd, min and max of the held-out losses over its seeds."""
+    out = {}
+    for tool in dict.fromkeys(r["tool"] for r in rows):
+        mine = [r for r in rows if r["tool"] == tool]
+        out[tool] = {}
+        for key in ("held_out_loss", "held_out_loss_last_turn"):
+            v = [r[key] for r in mine]
+            out[tool][key] = {"mean": statistics.fmean(v),
+                              "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
+                              "min": min(v), "max": max(v), "n": len(v)}
+    return out
 
 
 if __name__ == "__main__":

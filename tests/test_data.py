@@ -74,6 +74,17 @@ def test_multi_turn_chat_masks_every_assistant_turn(tiny_tokenizer):
     assert len(spans) == 2
 
 
+def test_mask_history_keeps_only_the_last_assistant_turn(tiny_tokenizer):
+    recs = records(chat("q1", "first answer", "q2", "second answer"), chat("q", "only"))
+    multi, single = encode(recs, tiny_tokenizer, 512, None, "chat", mask_history=True).examples
+    assert targets(tiny_tokenizer, multi) == "second answer" + END
+    assert targets(tiny_tokenizer, single) == "only" + END
+    every = encode(recs, tiny_tokenizer, 512, None, "chat").examples[0]
+    assert multi.tokens == every.tokens  # the earlier turn stays as context
+    with pytest.raises(DataError, match=r"^mem\.jsonl:1: data\.mask_history"):
+        encode(recs, tiny_tokenizer, 512, False, "chat", mask_history=True)
+
+
 def test_chat_without_mask_prompt_trains_on_everything(tiny_tokenizer):
     (ex,) = encode(records(chat("q", "a")), tiny_tokenizer, 512, False, "chat").examples
     assert ex.mask == [False] + [True] * (len(ex.tokens) - 1)

@@ -3,7 +3,8 @@
 ``mask[i]`` is True when token i is a target (predicted from position i - 1), so
 ``mask[0]`` is always False. With ``mask_prompt`` (the default for chat and completions
 data) the targets are exactly the assistant turns: their content and the end-of-turn token
-the template writes after it. Text data has no prompt: every token is a target.
+the template writes after it; with ``mask_history``, only the last assistant turn is (the
+earlier ones are context). Text data has no prompt: every token is a target.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def resolve_mask_prompt(mask_prompt: bool | None, fmt: str, where: str) -> bool:
 
 
 def encode(records: list[Record], tokenizer, max_seq_len: int, mask_prompt: bool | None,
-           fmt: str) -> EncodedSplit:
+           fmt: str, mask_history: bool = False) -> EncodedSplit:
     """Tokenize and mask every record; truncate to max_seq_len (keeping the start) and drop
     examples left without a target. Both are counted for the caller to report."""
     out = EncodedSplit([], fmt, 0, 0)
@@ -53,7 +54,12 @@ def encode(records: list[Record], tokenizer, max_seq_len: int, mask_prompt: bool
     if fmt == "preference":
         raise DataError(f"{records[0].source}: preference pairs are not single examples; "
                         "they are encoded by mlxtune.data.preference.encode_pairs")
-    encoder = _Encoder(tokenizer, resolve_mask_prompt(mask_prompt, fmt, records[0].source))
+    mask_prompt = resolve_mask_prompt(mask_prompt, fmt, records[0].source)
+    if mask_history and not mask_prompt:
+        raise DataError(f"{records[0].source}: data.mask_history puts the loss on the last "
+                        "assistant turn only, which needs the prompt masked; unset "
+                        "data.mask_prompt (or set it true), or data.mask_history false")
+    encoder = _Encoder(tokenizer, mask_prompt, mask_history)
     for record in records:
         tokens, mask = encoder.encode(record, fmt)
         if len(tokens) > max_seq_len:
@@ -70,8 +76,8 @@ def encode(records: list[Record], tokenizer, max_seq_len: int, mask_prompt: bool
 class _Encoder:
     """The tokenizer-facing half of `encode`; remembers whether it has warned."""
 
-    def __init__(self, tokenizer, mask_prompt: bool):
-        self.tok, self.mask_prompt = tokenizer, mask_prompt
+    def __init__(self, tokenizer, mask_prompt: bool, mask_history: bool = False):
+        self.tok, self.mask_prompt, self.mask_history = tokenizer, mask_prompt, mask_history
         self.has_template = _has_chat_template(tokenizer)
         self.eos_ids = _eos_ids(tokenizer)
         self.eos = getattr(tokenizer, "eos_token_id", None)
@@ -133,6 +139,8 @@ class _Encoder:
         if spans is None:
             start = self._last_turn_start(messages, tools, full, source)
             spans = [(start, self._end_of_turn(full, start))]
+        if self.mask_history:
+            spans = spans[-1:]
         mask = [False] * len(full)
         for start, end in spans:
             mask[start:end] = [True] * (end - start)

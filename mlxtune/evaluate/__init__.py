@@ -304,7 +304,8 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None,
 
         encoded = encode_pairs(records, tok, cfg.data.max_seq_len)
     else:
-        encoded = data.encode(records, tok, cfg.data.max_seq_len, cfg.data.mask_prompt, fmt)
+        encoded = data.encode(records, tok, cfg.data.max_seq_len, cfg.data.mask_prompt, fmt,
+                              cfg.data.mask_history)
     n_gen = len(records) if ev.examples is None else min(ev.examples, len(records))
     gen_records = list(records[:n_gen])
     pairs = [prompt_and_reference(r, fmt, tok) for r in gen_records]

@@ -44,11 +44,30 @@ def preload() -> None:
                 continue
             state["loaded"] = path
             state["reason"] = ""
+            state["handle"] = _handle_of(path)
             return
     state["reason"] = (
         "no system OpenBLAS found; install it (Debian/Ubuntu: apt-get install "
         "libopenblas0-pthread) for ~30x faster float32 matmuls on the CPU"
     )
+
+
+def _handle_of(path: str):
+    lib = ctypes.CDLL(path)
+    return lib if hasattr(lib, "openblas_set_num_threads") else None
+
+
+def threads() -> int | None:
+    """OpenBLAS's thread count per call; None when another BLAS is in use."""
+    lib = state.get("handle")
+    return int(lib.openblas_get_num_threads()) if lib is not None else None
+
+
+def set_threads(n: int) -> None:
+    """Threads per OpenBLAS call (no-op for another BLAS)."""
+    lib = state.get("handle")
+    if lib is not None:
+        lib.openblas_set_num_threads(int(n))
 
 
 def describe() -> str:

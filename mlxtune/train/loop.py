@@ -15,6 +15,7 @@ before the update, so every rank takes the same step and makes the same decision
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -34,7 +35,7 @@ from mlxtune.data.batcher import Batcher
 from mlxtune.data.preference import PairBatcher, collate_pairs
 from mlxtune.objectives.reference import Reference
 from mlxtune.errors import TrainingStopped
-from mlxtune.train import checkpoint
+from mlxtune.train import checkpoint, streams
 from mlxtune.train.distributed import World
 from mlxtune.train.events import EventWriter
 from mlxtune.train.optim import make_optimizer
@@ -108,13 +109,27 @@ def split_rows(batch: tuple, max_tokens: int | None, pairs: bool = False) -> lis
     rows, length = batch[0].shape
     if not max_tokens or rows * length <= max_tokens:
         return [batch]
-    step = max(1, max_tokens // length)
+    per = max(1, max_tokens // length)
+    return _in_parts(batch, max(1, per // 2) if pairs else per, pairs)
+
+
+def split_groups(batch: tuple, n: int, pairs: bool = False) -> list[tuple]:
+    """train.cpu_streams: a batch as at most n groups of whole rows (pairs), near-equal."""
+    units = batch[0].shape[0] // (2 if pairs else 1)
+    if n <= 1 or units <= 1:
+        return [batch]
+    return _in_parts(batch, math.ceil(units / n), pairs)
+
+
+def _in_parts(batch: tuple, per: int, pairs: bool) -> list[tuple]:
+    """Consecutive parts of `per` rows (pairs: `per` pairs) of every array of a batch."""
+    rows = batch[0].shape[0]
     if pairs:  # every array's rows are [chosen of each pair..., rejected of each pair...]
-        n, step = rows // 2, max(1, step // 2)
-        return [tuple(a[mx.concatenate([mx.arange(i, min(i + step, n)),
-                                        mx.arange(n + i, n + min(i + step, n))])]
-                      for a in batch) for i in range(0, n, step)]
-    return [tuple(a[i:i + step] for a in batch) for i in range(0, rows, step)]
+        n = rows // 2
+        return [tuple(a[mx.concatenate([mx.arange(i, min(i + per, n)),
+                                        mx.arange(n + i, n + min(i + per, n))])]
+                      for a in batch) for i in range(0, n, per)]
+    return [tuple(a[i:i + per] for a in batch) for i in range(0, rows, per)]
 
 
 class Trainer:
@@ -141,6 +156,8 @@ class Trainer:
             self.reference = Reference(model, pad_id, PAD_MULTIPLE, cfg.train.loss_chunk,
                                        compile=cfg.train.compile)
         self.total = total_steps(cfg, self.batches.batches_per_epoch())
+        self.n_streams = streams.resolve(cfg.train.cpu_streams, self.world.size)
+        self.streams = streams.streams(self.n_streams) if self.n_streams > 1 else [None]
         self.pos = Position()
         self._signal = None
         self._signalled = False  # a signal reached some rank (agreed at the last step)
@@ -221,23 +238,32 @@ class Trainer:
         parts_of = [(part, real) for batch, real in parts_of
                     for part in split_rows(batch, self.cfg.train.max_batch_tokens,
                                            self.preference)]
-        for batch, real in parts_of:
-            if len(parts_of) == 1 and world.size == 1:
-                loss_sum, weight, m, _ = fused(*batch)
-                mx.eval(loss_sum, weight, m, self.model.state)
-            else:
-                loss_sum, weight, m, g = micro(*batch)
-                if not real:  # a stand-in for a rank with no share of a short batch
-                    g = tree_map(mx.zeros_like, g)
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                mx.eval(loss_sum, weight, m, grads)
-            if not real:
-                continue
-            total_tok += int(batch[1][:, 1:].sum().item())
-            total_loss += loss_sum.item()
-            total_weight += weight.item()
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v.item()
+        whole = len(parts_of) == 1 and world.size == 1 and self.n_streams == 1
+        with streams.blas_threads_for(self.n_streams):
+            for batch, real in parts_of:
+                if whole:  # the update is part of the compiled step
+                    loss_sum, weight, m, _ = fused(*batch)
+                    done = [(loss_sum, weight, m)]
+                    mx.eval(done, self.model.state)
+                else:
+                    done = []
+                    groups = split_groups(batch, self.n_streams, self.preference)
+                    for stream, group in zip(self.streams, groups):
+                        with mx.stream(stream) if stream else contextlib.nullcontext():
+                            loss_sum, weight, m, g = micro(*group)
+                        if not real:  # a stand-in for a rank with no share of a short batch
+                            g = tree_map(mx.zeros_like, g)
+                        grads = g if grads is None else tree_map(mx.add, grads, g)
+                        done.append((loss_sum, weight, m))
+                    mx.eval(done, grads)  # the groups' streams run at the same time
+                if not real:
+                    continue
+                total_tok += int(batch[1][:, 1:].sum().item())
+                for loss_sum, weight, m in done:
+                    total_loss += loss_sum.item()
+                    total_weight += weight.item()
+                    for k, v in m.items():
+                        metrics[k] = metrics.get(k, 0.0) + v.item()
         if world.size > 1:
             # Sums over every rank's items, then the same update everywhere. The signal
             # flag rides along, so every rank stops at the same step.
@@ -250,7 +276,7 @@ class Trainer:
             self._signalled = signalled > 0
             metrics = dict(zip(keys, sums[4:]))
             grads = world.sum_tree(grads)
-        if len(parts_of) > 1 or world.size > 1:
+        if not whole:
             mx.eval(finish(grads, mx.array(max(total_weight, 1), mx.float32)), self.model.state)
         return total_loss, total_weight, total_tok, metrics
 

@@ -14,17 +14,22 @@ mlx_lm's model classes rather than by re-implementing an architecture:
   of the rotary angles. tests/test_forward.py checks this per example.
 
 - A chunked loss. `hidden_states` stops before the output head; `chunked_token_losses` then
-  applies the head and the cross-entropy a chunk of positions at a time under
-  `mx.checkpoint`, so the backward pass recomputes each chunk's logits instead of keeping
-  the whole [tokens x vocab] array (the largest single activation for small models with big
-  vocabularies). Supported for the model families whose head is known (HEAD_FAMILIES);
-  other models fall back to the full logits, with the same result.
+  applies the head and the cross-entropy a chunk of positions at a time, with a backward
+  pass of its own (`mx.custom_function`) that recomputes each chunk's logits, so the whole
+  [tokens x vocab] array (the largest single activation for small models with big
+  vocabularies) never exists. Each chunk's input depends on the previous chunk's result
+  (`mx.depends`), forward and backward, so MLX's scheduler runs one chunk at a time and its
+  buffers are freed before the next starts (without that order, plain `mx.checkpoint`
+  pieces were all recomputed at once and the peak was higher than the full logits').
+  Supported for the model families whose head is known (HEAD_FAMILIES) and frozen; other
+  models fall back to the full logits, with the same result.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 # model_type -> how the output head is applied to the trunk's last hidden state. Each
 # entry is checked against the model's own __call__ in tests/test_forward.py.
@@ -110,28 +115,67 @@ def apply_head(model: nn.Module, h: mx.array) -> mx.array:
     return out
 
 
+def _head_module(model: nn.Module) -> nn.Module:
+    return model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens
+
+
 def chunked_token_losses(model: nn.Module, tokens: mx.array, targets: mx.array,
                          segments: mx.array | None = None, chunk: int = 1024) -> mx.array:
     """Cross-entropy of each position predicting `targets` (same shape as tokens), float32
-    [B, L], without ever holding the logits of more than `chunk` positions for backward.
+    [B, L], never holding the logits of more than `chunk` positions.
 
-    chunk <= 0, or a model whose head is not known, computes the full logits instead."""
-    if chunk <= 0 or not splits_head(model):
+    chunk <= 0, a model whose head is not known, or a head with trainable parameters (its
+    gradient would be lost: the chunks' backward pass differentiates the hidden states
+    only) computes the full logits instead."""
+    if (chunk <= 0 or not splits_head(model)
+            or tree_flatten(_head_module(model).trainable_parameters())):
         out = logits(model, tokens, segments).astype(mx.float32)
         return nn.losses.cross_entropy(out, targets, reduction="none")
     h = hidden_states(model, tokens, segments)
     b, length, d = h.shape
-    flat_h = h.reshape(b * length, d)
-    flat_t = targets.reshape(b * length)
+    losses = _chunked_cross_entropy(model, chunk)(h.reshape(b * length, d),
+                                                   targets.reshape(b * length))
+    return losses.reshape(b, length)
 
-    def chunk_loss(targets_chunk):
-        def loss(hc):
-            out = apply_head(model, hc).astype(mx.float32)
-            return nn.losses.cross_entropy(out, targets_chunk, reduction="none")
-        # Recompute the chunk's logits in the backward pass instead of keeping them. The
-        # targets are captured, not passed: checkpoint differentiates all its inputs.
-        return mx.checkpoint(loss)
 
-    pieces = [chunk_loss(flat_t[i:i + chunk])(flat_h[i:i + chunk])
-              for i in range(0, b * length, chunk)]
-    return mx.concatenate(pieces).reshape(b, length)
+def _chunked_cross_entropy(model: nn.Module, chunk: int):
+    """f(h [N, D], targets [N]) -> per-position cross-entropy [N], a chunk of rows at a
+    time, with a backward pass that recomputes each chunk's logits."""
+
+    def head(x):
+        return apply_head(model, x).astype(mx.float32)
+
+    def spans(n):
+        return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+
+    def after(x, previous):  # x, ordered after `previous` by the scheduler
+        return x if previous is None else mx.depends(x, previous)
+
+    @mx.custom_function
+    def cross_entropy(h, targets):
+        out, previous = [], None
+        for a, b in spans(h.shape[0]):
+            logits = head(after(h[a:b], previous))
+            previous = (mx.logsumexp(logits, axis=-1)
+                        - mx.take_along_axis(logits, targets[a:b, None], axis=-1)[:, 0])
+            out.append(previous)
+        return mx.concatenate(out)
+
+    @cross_entropy.vjp
+    def cross_entropy_vjp(primals, cotangent, _output):
+        h, targets = primals
+        grads, previous = [], None
+        vocab = mx.arange(0)
+        for a, b in spans(h.shape[0]):
+            hc = after(h[a:b], previous)
+            logits = head(hc)
+            if vocab.size != logits.shape[-1]:
+                vocab = mx.arange(logits.shape[-1])
+            # d loss / d logits = softmax - one_hot(target), times the cotangent.
+            one_hot = (vocab[None, :] == targets[a:b, None]).astype(logits.dtype)
+            d_logits = (mx.softmax(logits, axis=-1) - one_hot) * cotangent[a:b, None]
+            _, (previous,) = mx.vjp(head, [hc], [d_logits])
+            grads.append(previous)
+        return mx.concatenate(grads).astype(h.dtype), mx.zeros_like(targets)
+
+    return cross_entropy

@@ -122,3 +122,56 @@ def test_unknown_family_falls_back_to_full_logits():
     expected = nn.losses.cross_entropy(model(tokens), targets, reduction="none")
     np.testing.assert_allclose(np.array(forward.chunked_token_losses(model, tokens, targets)),
                                np.array(expected), rtol=1e-6)
+
+
+class _HeadOnly(nn.Module):
+    """Just an output head, for the chunked loss alone (apply_head reads lm_head)."""
+    model_type = "llama"
+
+    def __init__(self, d: int, vocab: int):
+        super().__init__()
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+
+def _peak_of_gradient(fn, h) -> float:
+    grad = mx.compile(mx.grad(lambda x: fn(x).sum()))
+    mx.eval(grad(h))  # compiled and warmed
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(grad(h))
+    return mx.get_peak_memory() - before
+
+
+def test_chunked_loss_never_holds_the_full_logits():
+    """The point of the chunks: the backward pass of 2,048 positions x 8,192 logits (64 MB
+    per copy) in chunks of 128 peaks far below the full logits' backward pass."""
+    head = _HeadOnly(64, 8192)
+    head.freeze()
+    mx.random.seed(0)
+    h = mx.random.normal((2048, 64))
+    targets = mx.random.randint(0, 8192, (2048,))
+    full = _peak_of_gradient(lambda x: nn.losses.cross_entropy(
+        forward.apply_head(head, x), targets, reduction="none"), h)
+    chunked = _peak_of_gradient(lambda x: forward._chunked_cross_entropy(head, 128)(
+        x, targets), h)
+    assert full > 2 * 2048 * 8192 * 4  # the full path holds at least two copies
+    assert chunked < full / 4, (chunked, full)
+
+
+def test_trainable_head_falls_back_to_full_logits(monkeypatch):
+    model = _model("llama")
+    apply_lora(model, AdapterConfig(rank=4, alpha=8.0))
+    used = []
+    original = forward._chunked_cross_entropy
+    monkeypatch.setattr(forward, "_chunked_cross_entropy",
+                        lambda *a: used.append(1) or original(*a))
+    tokens = mx.array([[3, 4, 5, 6, 7, 8]])
+    targets = mx.array([[4, 5, 6, 7, 8, 9]])
+    forward.chunked_token_losses(model, tokens, targets, chunk=2)
+    assert used == [1]
+    forward._head_module(model).unfreeze()
+    expected = nn.losses.cross_entropy(model(tokens), targets, reduction="none")
+    np.testing.assert_allclose(np.array(forward.chunked_token_losses(model, tokens, targets,
+                                                                     chunk=2)),
+                               np.array(expected), rtol=1e-5)
+    assert used == [1]  # the trainable head took the full path

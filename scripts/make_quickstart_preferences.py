@@ -12,7 +12,10 @@ make_quickstart_data.py), with new draws of tasks and phrasings. "chosen" is the
 answer; "rejected" is what small models tend to write instead (KINDS: prose or a code
 fence around the JSON, a missing field, a wrong priority / date / assignee / status,
 values outside the schema's enums, wrong types, broken JSON, extra keys, a title copied
-with the request's filler words). "failure" names the kind, for analysis only.
+with the request's filler words). "failure" names the kind, for analysis only. Where the
+request names the due day as an ordinal ("June 2nd", "the 3rd") the rejected answer copies
+the ordinal into the date ("2025-06-2nd", kind ordinal_date): the one schema failure the
+quickstart's SFT adapter still makes on its held-out requests.
 
 The first 80 pairs go one per user, in the order users first appear in tasks.jsonl: the
 split by user (data.split.by: user, same seed and fractions) then holds out the same
@@ -26,6 +29,7 @@ import argparse
 import datetime as dt
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -141,6 +145,22 @@ def reject(answer: dict, request: str, user: dict, kind: str, rng: random.Random
     return dumps(out)
 
 
+ORDINAL = re.compile(r"\b(\d{1,2})(st|nd|rd|th)\b")
+
+
+def ordinal_date(answer: dict, request: str) -> str | None:
+    """The answer with the request's ordinal day copied into the date, as the SFT model
+    writes it ("2025-06-2nd"); None when the request names no ordinal due day."""
+    due = answer["due_date"]
+    if due is None:
+        return None
+    day = dt.date.fromisoformat(due).day
+    match = next((m for m in ORDINAL.finditer(request) if int(m.group(1)) == day), None)
+    if match is None:
+        return None
+    return dumps({**answer, "due_date": f"{due[:8]}{match.group(0)}"})
+
+
 def first_appearance(rows: list[dict]) -> list[str]:
     seen: dict[str, None] = {}
     for row in rows:
@@ -167,6 +187,10 @@ def generate(seed: int = SEED, n: int = N_PAIRS) -> list[dict]:
         while rejected == answer["content"]:  # e.g. no tags to turn into a string
             kind = rng.choices(kinds, kind_weights)[0]
             rejected = reject(json.loads(answer["content"]), request["content"], user, kind, rng)
+        # Drawn after the kind, so the other pairs stay as they were without this kind.
+        ordinal = ordinal_date(json.loads(answer["content"]), request["content"])
+        if ordinal is not None:
+            kind, rejected = "ordinal_date", ordinal
         rows.append({"prompt": [system, request], "chosen": [answer],
                      "rejected": [{"role": "assistant", "content": rejected}],
                      "user": user["id"], "failure": kind})

@@ -146,9 +146,10 @@ class TrainConfig:
     # step in less memory (activations scale with the tokens of one micro-batch). None: never.
     max_batch_tokens: Optional[int] = field(default=None, metadata={"min": 1})
     # CPU backend: split each (micro-)batch's rows over this many CPU streams, evaluated at
-    # once on threads of their own (MLX runs a stream's elementwise ops on one core). The
-    # same step. None: the usable cores (1 under mlx.launch, and off the CPU backend).
-    cpu_streams: Optional[int] = field(default=None, metadata={"min": 1})
+    # once on threads of their own (MLX runs a stream's elementwise ops on one core): the
+    # same step. Faster for short rows, slower for long ones (docs/performance.md), so 1
+    # unless asked; ignored off the CPU backend.
+    cpu_streams: int = field(default=1, metadata={"min": 1})
     compile: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 

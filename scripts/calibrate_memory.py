@@ -263,8 +263,8 @@ def config_for(spec: dict, work: Path) -> Path:
     raw = {"name": spec["name"], "model": {"path": model_path(spec["model"])},
            "adapter": {"rank": 8, "alpha": 16},
            "data": {"train": str(data), "max_seq_len": spec["seq"], "packing": False},
-           # One stream, as a step runs on Metal / CUDA: the planner is for Macs first. The
-           # CPU backend's default of several streams peaks lower (docs/memory.md).
+           # One stream (the default, and how a step runs on Metal / CUDA); several CPU
+           # streams change the peak (docs/memory.md).
            "train": {"iters": spec.get("steps", 3), "batch_size": spec["batch"],
                      "eval_every": 0, "save_every": 0, "log_every": 1, "seed": 0,
                      "cpu_streams": 1},

@@ -156,7 +156,7 @@ class Trainer:
             self.reference = Reference(model, pad_id, PAD_MULTIPLE, cfg.train.loss_chunk,
                                        compile=cfg.train.compile)
         self.total = total_steps(cfg, self.batches.batches_per_epoch())
-        self.n_streams = streams.resolve(cfg.train.cpu_streams, self.world.size)
+        self.n_streams = streams.resolve(cfg.train.cpu_streams)
         self.streams = streams.streams(self.n_streams) if self.n_streams > 1 else [None]
         self.pos = Position()
         self._signal = None

@@ -9,6 +9,10 @@ together: N threads run the elementwise work at once, and each OpenBLAS call get
 cores / N threads so the matmuls do not oversubscribe the cores. The gradient is the sum of
 the groups' gradients, as for micro-batches: the same step (tested), with the activations
 of the same rows alive at once as when the batch runs whole.
+
+Measured (docs/performance.md): faster where elementwise work dominates (short rows), but
+slower and with a higher peak on SmolLM2 at 4 x 1,024 tokens, where single-threaded BLAS
+calls lose more than the elementwise ops gain; so it is off (1) unless asked for.
 """
 
 from __future__ import annotations
@@ -30,15 +34,10 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve(requested: int | None, ranks: int = 1) -> int:
-    """How many streams a step uses: 1 off the CPU backend (GPU kernels are already
-    parallel); else `requested`, or for None the usable cores (one process per machine:
-    under mlx.launch several ranks may share one machine's cores, so None means 1 there)."""
-    if backend.name() != "cpu":
-        return 1
-    if requested is not None:
-        return requested
-    return usable_cores() if ranks == 1 else 1
+def resolve(requested: int) -> int:
+    """How many streams a step uses: `requested` on the CPU backend, else 1 (GPU kernels
+    are parallel already)."""
+    return requested if backend.name() == "cpu" else 1
 
 
 def streams(n: int) -> list:

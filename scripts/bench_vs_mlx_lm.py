@@ -244,6 +244,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="run every tool with seeds 0..N-1 and report the held-out losses' "
                         "spread")
+    p.add_argument("--first-seed", type=int, default=0, metavar="K",
+                   help="with --seeds N: seeds K..K+N-1")
     p.add_argument("--examples", type=int, default=600)
     p.add_argument("--variant", dest="variants", action="append", default=[],
                    metavar="NAME[:KEY=VALUE,...]",
@@ -270,7 +272,7 @@ def main() -> None:
         peak_flops = matmul_flops()
         per_example = flops_per_example(dense, data)
         rows = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             if not args.skip_mlx_lm:
                 rows.append(run_mlx_lm(dense, data, args.steps, work,
                                        not args.mlx_lm_bundled_blas, seed))

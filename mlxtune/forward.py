@@ -164,12 +164,11 @@ def _chunked_cross_entropy(model: nn.Module, chunk: int):
     @cross_entropy.vjp
     def cross_entropy_vjp(primals, cotangent, _output):
         h, targets = primals
-        grads, previous = [], None
-        vocab = mx.arange(0)
+        grads, previous, vocab = [], None, None
         for a, b in spans(h.shape[0]):
             hc = after(h[a:b], previous)
             logits = head(hc)
-            if vocab.size != logits.shape[-1]:
+            if vocab is None:
                 vocab = mx.arange(logits.shape[-1])
             # d loss / d logits = softmax - one_hot(target), times the cotangent.
             one_hot = (vocab[None, :] == targets[a:b, None]).astype(logits.dtype)

@@ -38,23 +38,19 @@ def preload() -> None:
     for path in ([wanted] if wanted else []) + list(CANDIDATES):
         if path and os.path.exists(path):
             try:
-                ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+                lib = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
             except OSError as e:
                 state["reason"] = f"could not load {path}: {e}"
                 continue
             state["loaded"] = path
             state["reason"] = ""
-            state["handle"] = _handle_of(path)
+            # openblas_{get,set}_num_threads: for train.cpu_streams; absent in other BLASes.
+            state["handle"] = lib if hasattr(lib, "openblas_set_num_threads") else None
             return
     state["reason"] = (
         "no system OpenBLAS found; install it (Debian/Ubuntu: apt-get install "
         "libopenblas0-pthread) for ~30x faster float32 matmuls on the CPU"
     )
-
-
-def _handle_of(path: str):
-    lib = ctypes.CDLL(path)
-    return lib if hasattr(lib, "openblas_set_num_threads") else None
 
 
 def threads() -> int | None:

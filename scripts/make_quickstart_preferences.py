@@ -15,7 +15,11 @@ values outside the schema's enums, wrong types, broken JSON, extra keys, a title
 with the request's filler words). "failure" names the kind, for analysis only. Where the
 request names the due day as an ordinal ("June 2nd", "the 3rd") the rejected answer copies
 the ordinal into the date ("2025-06-2nd", kind ordinal_date): the one schema failure the
-quickstart's SFT adapter still makes on its held-out requests.
+quickstart's SFT adapter still makes on its held-out requests (always a single-digit day).
+After the N_PAIRS pairs come N_DATE_PAIRS more, drawn only from requests that name a
+single-digit ordinal due day ("May 2nd"), so DPO sees that failure often enough: every
+other one rejects the day without its zero ("2025-05-2", kind unpadded_date: what a first
+DPO adapter wrote once it had learnt to drop the suffix) instead of the copied ordinal.
 
 The first 80 pairs go one per user, in the order users first appear in tasks.jsonl: the
 split by user (data.split.by: user, same seed and fractions) then holds out the same
@@ -38,6 +42,7 @@ import make_quickstart_data as sft_data  # noqa: E402
 
 SEED = 20250315
 N_PAIRS = 1200
+N_DATE_PAIRS = 240
 OUT = sft_data.OUT
 
 # kind -> weight: the format failures that break the schema, and the value failures that
@@ -148,9 +153,10 @@ def reject(answer: dict, request: str, user: dict, kind: str, rng: random.Random
 ORDINAL = re.compile(r"\b(\d{1,2})(st|nd|rd|th)\b")
 
 
-def ordinal_date(answer: dict, request: str) -> str | None:
+def ordinal_date(answer: dict, request: str, unpadded: bool = False) -> str | None:
     """The answer with the request's ordinal day copied into the date, as the SFT model
-    writes it ("2025-06-2nd"); None when the request names no ordinal due day."""
+    writes it ("2025-06-2nd"), or with `unpadded` and a single-digit day, the day without
+    its zero ("2025-06-2"); None when the request names no ordinal due day."""
     due = answer["due_date"]
     if due is None:
         return None
@@ -158,7 +164,8 @@ def ordinal_date(answer: dict, request: str) -> str | None:
     match = next((m for m in ORDINAL.finditer(request) if int(m.group(1)) == day), None)
     if match is None:
         return None
-    return dumps({**answer, "due_date": f"{due[:8]}{match.group(0)}"})
+    wrong = str(day) if unpadded and day < 10 else match.group(0)
+    return dumps({**answer, "due_date": f"{due[:8]}{wrong}"})
 
 
 def first_appearance(rows: list[dict]) -> list[str]:
@@ -168,7 +175,7 @@ def first_appearance(rows: list[dict]) -> list[str]:
     return list(seen)
 
 
-def generate(seed: int = SEED, n: int = N_PAIRS) -> list[dict]:
+def generate(seed: int = SEED, n: int = N_PAIRS, n_date: int = N_DATE_PAIRS) -> list[dict]:
     # The users exactly as make_quickstart_data draws them (same generator, same order).
     user_rng = random.Random(sft_data.SEED)
     users = [sft_data.make_user(f"u{i:03d}", user_rng) for i in range(sft_data.N_USERS)]
@@ -191,10 +198,28 @@ def generate(seed: int = SEED, n: int = N_PAIRS) -> list[dict]:
         ordinal = ordinal_date(json.loads(answer["content"]), request["content"])
         if ordinal is not None:
             kind, rejected = "ordinal_date", ordinal
-        rows.append({"prompt": [system, request], "chosen": [answer],
-                     "rejected": [{"role": "assistant", "content": rejected}],
-                     "user": user["id"], "failure": kind})
+        rows.append(pair(system, request, answer, rejected, user, kind))
+    # The date pairs: their own generator, so the pairs above do not depend on them.
+    date_rng = random.Random(seed + 1)
+    unpadded = False
+    while len(rows) < n + n_date:
+        user = date_rng.choices(users, weights)[0]
+        system, request, answer = sft_data.make_example(user, date_rng)["messages"]
+        due = json.loads(answer["content"])["due_date"]
+        rejected = ordinal_date(json.loads(answer["content"]), request["content"], unpadded)
+        if rejected is None or not due.endswith(tuple(f"-0{d}" for d in range(1, 10))):
+            continue
+        rows.append(pair(system, request, answer, rejected, user,
+                         "unpadded_date" if unpadded else "ordinal_date"))
+        unpadded = not unpadded
     return rows
+
+
+def pair(system: dict, request: dict, answer: dict, rejected: str, user: dict,
+         kind: str) -> dict:
+    return {"prompt": [system, request], "chosen": [answer],
+            "rejected": [{"role": "assistant", "content": rejected}], "user": user["id"],
+            "failure": kind}
 
 
 def write(out_dir: Path) -> Path:

@@ -592,13 +592,14 @@ def test_quickstart_preferences_are_reproducible_and_split_like_the_sft_data(tmp
     for name in ("train", "valid", "test"):
         assert {r.data["user"] for r in sft[name]} == {r.data["user"] for r in dpo[name]}
     kinds = {r.data["failure"] for r in prefs}
-    assert kinds == set(gen.KINDS) | {"ordinal_date"}
+    assert kinds == set(gen.KINDS) | {"ordinal_date", "unpadded_date"}
     # Every chosen answer matches the schema; the format failures never do.
     from mlxtune.evaluate.metrics import Schema
 
     schema = Schema(root / "data/quickstart/task.schema.json")
     format_kinds = {"prose", "code_fence", "missing_field", "unresolved_date", "bad_enum",
-                    "wrong_type", "broken_json", "extra_key", "ordinal_date"}
+                    "wrong_type", "broken_json", "extra_key", "ordinal_date",
+                    "unpadded_date"}
     for r in prefs:
         assert schema.matches(json.loads(r.data["chosen"][0]["content"]))
         if r.data["failure"] in format_kinds:

@@ -27,7 +27,7 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxtune import backend
+from mlxtune import backend, fastmath
 
 BLOCK = 128  # queries per block: smaller wastes less of the diagonal blocks, larger makes
              # fewer, bigger matmuls; 128 measured best at L = 1024 here (docs/performance.md)
@@ -68,7 +68,8 @@ def blockwise_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mas
                 scores = mx.where(part, scores, lowest)
             else:
                 scores = mx.maximum(scores + part.astype(scores.dtype), lowest)
-        probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(vg.dtype)
+        # fastmath: MLX's CPU exp is scalar; one exp per score is this loop's main cost.
+        probs = fastmath.softmax(scores.astype(mx.float32)).astype(vg.dtype)
         outs.append(probs @ vg[..., :end, :])
     return mx.concatenate(outs, axis=-2).reshape(b, h, length, v.shape[-1])
 

@@ -1,7 +1,7 @@
 """mlxtune's LoRA training step against mlx-lm's own, the reference: the same base, initial
 adapter, batch and loss tokens must give the same loss and, after a few Adam steps, the same
-adapter. This covers what mlxtune replaces in the step (blockwise attention on the CPU,
-the chunked loss, summed-then-divided token losses); scripts/bench_vs_mlx_lm.py compares
+adapter. This covers what mlxtune replaces in the step (blockwise attention and the vectorised
+SwiGLU on the CPU, the chunked loss, summed-then-divided token losses); scripts/bench_vs_mlx_lm.py compares
 the two trainers' speed and memory on real data."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from mlxtune import adapters, attention, objectives
+from mlxtune import adapters, attention, fastmath, objectives
 from mlxtune.config import AdapterConfig, TrainConfig
 from mlxtune.train.optim import make_optimizer
 from tiny import build_model, model_args
@@ -55,8 +55,13 @@ def test_lora_steps_equal_mlx_lm(chunk, monkeypatch):
     keys = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
-    # mlx-lm: its LoRA layers, its loss, its attention (MLX's), Adam.
+    # mlx-lm: its LoRA layers, its loss, its attention (MLX's) and activation, Adam. The
+    # model module is shared: earlier tests may have routed its functions through mlxtune's.
     reference = build_model(args, seed=1)
+    module = sys.modules[type(reference).__module__]
+    for name in ("scaled_dot_product_attention", "swiglu"):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, getattr(fn, "_mlxtune_original", fn))
     reference.freeze()
     mx.random.seed(5)
     linear_to_lora_layers(reference, -1, {"rank": RANK, "scale": ALPHA / RANK,
@@ -75,9 +80,10 @@ def test_lora_steps_equal_mlx_lm(chunk, monkeypatch):
     model = build_model(args, seed=1)
     adapters.apply_lora(model, AdapterConfig(rank=RANK, alpha=ALPHA))
     model.load_weights(list({k: mx.array(v) for k, v in initial.items()}.items()), strict=False)
-    assert attention.install(model)
-    module = sys.modules[type(model).__module__]
+    monkeypatch.undo()
+    assert attention.install(model) and fastmath.install(model)
     assert hasattr(module.scaled_dot_product_attention, "_mlxtune_original")
+    assert hasattr(module.swiglu, "_mlxtune_original")
     opt = make_optimizer(TrainConfig(optimizer="adam", learning_rate=LR), STEPS)
 
     def loss_fn(m, t, k):

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxtune import attention, backend, quant
+from mlxtune import attention, backend, fastmath, quant
 from mlxtune.config import ModelConfig
 from mlxtune.errors import ModelError
 
@@ -145,6 +145,7 @@ def load(cfg: ModelConfig) -> LoadedModel:
 
     prepare(model, config, cfg)
     attention.install(model)  # blockwise causal attention on the CPU backend
+    fastmath.install(model)  # SwiGLU from vectorised ops on the CPU backend
     return LoadedModel(model, tokenizer, config, source)
 
 

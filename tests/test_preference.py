@@ -323,7 +323,9 @@ def test_precomputed_reference_equals_on_the_fly(pairs, tmp_path):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6)
         la = pref.dpo(model, tokens, mask, a)[0].item()
         lb = pref.dpo(model, tokens, mask, b)[0].item()
-        assert la == pytest.approx(lb, rel=1e-6)
+        # The compiled and the eager reference agree to float32 rounding (measured: 6e-5
+        # on log-probs of ~-250); the loss moves by about beta / 2 times that.
+        assert la == pytest.approx(lb, rel=1e-5)
     # Read back under the same key; another reference adapter is another key.
     again = Reference(model, 0, 32)
     messages = []

@@ -16,10 +16,13 @@ with the request's filler words). "failure" names the kind, for analysis only. W
 request names the due day as an ordinal ("June 2nd", "the 3rd") the rejected answer copies
 the ordinal into the date ("2025-06-2nd", kind ordinal_date): the one schema failure the
 quickstart's SFT adapter still makes on its held-out requests (always a single-digit day).
-After the N_PAIRS pairs come N_DATE_PAIRS more, drawn only from requests that name a
-single-digit ordinal due day ("May 2nd"), so DPO sees that failure often enough: every
-other one rejects the day without its zero ("2025-05-2", kind unpadded_date: what a first
-DPO adapter wrote once it had learnt to drop the suffix) instead of the copied ordinal.
+After the N_PAIRS pairs come N_DATE_PAIRS more about the due date alone (DATE_KINDS, in
+turn), so DPO sees that failure often enough and not only that: a single-digit ordinal day
+copied ("May 2nd" -> "2025-05-2nd") or without its zero ("2025-05-2", what a first DPO
+adapter wrote once it had learnt to drop the suffix); and, against over-correcting, a
+two-digit day cut to a padded first digit ("2025-04-30" -> "2025-04-03") and a date
+invented where the request has none, the misses of a DPO adapter trained on the first two
+kinds alone.
 
 The first 80 pairs go one per user, in the order users first appear in tasks.jsonl: the
 split by user (data.split.by: user, same seed and fractions) then holds out the same
@@ -168,6 +171,32 @@ def ordinal_date(answer: dict, request: str, unpadded: bool = False) -> str | No
     return dumps({**answer, "due_date": f"{due[:8]}{wrong}"})
 
 
+# The date pairs' kinds, in turn: the SFT adapter's miss (a single-digit ordinal day
+# copied, or without its zero) and the two misses a DPO adapter trained on those alone
+# made instead (a two-digit day cut to its first digit, a date where none was asked).
+DATE_KINDS = ["ordinal_date", "shortened_day", "unpadded_date", "invented_date"]
+
+
+def date_miss(answer: dict, request: str, kind: str, rng: random.Random) -> str | None:
+    """The answer with a date miss of `kind`, or None when the request does not fit it."""
+    due = answer["due_date"]
+    if kind == "invented_date":
+        if due is not None:
+            return None
+        invented = f"2025-0{rng.randint(3, 6)}-0{rng.randint(1, 9)}"
+        return dumps({**answer, "due_date": invented})
+    if due is None:
+        return None
+    day = due[8:]
+    if kind == "shortened_day":
+        if day.startswith("0"):
+            return None
+        return dumps({**answer, "due_date": f"{due[:8]}0{day[0]}"})
+    if not day.startswith("0"):  # ordinal_date / unpadded_date: single-digit ordinal days
+        return None
+    return ordinal_date(answer, request, unpadded=kind == "unpadded_date")
+
+
 def first_appearance(rows: list[dict]) -> list[str]:
     seen: dict[str, None] = {}
     for row in rows:
@@ -201,17 +230,16 @@ def generate(seed: int = SEED, n: int = N_PAIRS, n_date: int = N_DATE_PAIRS) -> 
         rows.append(pair(system, request, answer, rejected, user, kind))
     # The date pairs: their own generator, so the pairs above do not depend on them.
     date_rng = random.Random(seed + 1)
-    unpadded = False
     while len(rows) < n + n_date:
-        user = date_rng.choices(users, weights)[0]
-        system, request, answer = sft_data.make_example(user, date_rng)["messages"]
-        due = json.loads(answer["content"])["due_date"]
-        rejected = ordinal_date(json.loads(answer["content"]), request["content"], unpadded)
-        if rejected is None or not due.endswith(tuple(f"-0{d}" for d in range(1, 10))):
-            continue
-        rows.append(pair(system, request, answer, rejected, user,
-                         "unpadded_date" if unpadded else "ordinal_date"))
-        unpadded = not unpadded
+        wanted = DATE_KINDS[(len(rows) - n) % len(DATE_KINDS)]
+        while True:
+            user = date_rng.choices(users, weights)[0]
+            system, request, answer = sft_data.make_example(user, date_rng)["messages"]
+            rejected = date_miss(json.loads(answer["content"]), request["content"], wanted,
+                                 date_rng)
+            if rejected is not None:
+                break
+        rows.append(pair(system, request, answer, rejected, user, wanted))
     return rows
 
 

@@ -594,7 +594,7 @@ def test_quickstart_preferences_are_reproducible_and_split_like_the_sft_data(tmp
     for name in ("train", "valid", "test"):
         assert {r.data["user"] for r in sft[name]} == {r.data["user"] for r in dpo[name]}
     kinds = {r.data["failure"] for r in prefs}
-    assert kinds == set(gen.KINDS) | {"ordinal_date", "unpadded_date"}
+    assert kinds == set(gen.KINDS) | set(gen.DATE_KINDS)
     # Every chosen answer matches the schema; the format failures never do.
     from mlxtune.evaluate.metrics import Schema
 

@@ -29,11 +29,13 @@ use these.
 `install(model)` routes mlx_lm's `swiglu` through `swiglu` on the CPU backend (the model
 module's own name is replaced, as mlxtune.attention does for attention; the decision is
 taken per call); mlxtune.attention calls `softmax` itself. Other backends keep MLX's ops:
-their `exp` is a vectorised GPU kernel already.
+their `exp` is a vectorised GPU kernel already. MLXTUNE_FASTMATH=0 keeps MLX's ops on the
+CPU too.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import mlx.core as mx
@@ -83,8 +85,10 @@ def exp(x: mx.array) -> mx.array:
 
 
 def enabled() -> bool:
-    """Whether these forms pay: the CPU backend (elsewhere MLX's own ops are faster)."""
-    return backend.name() == "cpu"
+    """Whether these forms are used: on the CPU backend (elsewhere MLX's own ops are
+    faster), unless MLXTUNE_FASTMATH=0 asks for MLX's ops (to compare, and for the memory
+    planner's calibration, which measures the graph that Metal and CUDA run)."""
+    return backend.name() == "cpu" and os.environ.get("MLXTUNE_FASTMATH", "1") != "0"
 
 
 # ------------------------------------------------------------------------------ softmax

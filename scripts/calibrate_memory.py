@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -73,8 +74,11 @@ def worker(spec: dict) -> dict:
 
 def measure(spec: dict) -> dict:
     CACHE.mkdir(parents=True, exist_ok=True)
+    # MLX's own exp / SwiGLU, not mlxtune.fastmath's CPU forms: the planner predicts
+    # for Metal and CUDA, which run those (fastmath keeps less on the CPU; docs/memory.md).
+    env = {**os.environ, "MLXTUNE_FASTMATH": "0"}
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"{spec['name']}: worker failed: {tail}")

@@ -100,6 +100,15 @@ def test_installed_models_give_the_same_logits(case, monkeypatch):
     assert bool(calls) == covered
 
 
+def test_mlxtune_fastmath_0_keeps_mlx_ops(monkeypatch):
+    assert fastmath.enabled()
+    monkeypatch.setenv("MLXTUNE_FASTMATH", "0")
+    assert not fastmath.enabled()
+    x = mx.array(np.random.default_rng(5).normal(size=(3, 7)).astype(np.float32))
+    np.testing.assert_array_equal(np.array(fastmath.softmax(x)),
+                                  np.array(mx.softmax(x, axis=-1, precise=True)))
+
+
 def test_other_backends_keep_mlx_ops(monkeypatch):
     monkeypatch.setattr(backend, "name", lambda: "metal")
     assert not fastmath.enabled()

@@ -22,12 +22,10 @@ sequences) go to the original function. Architectures with their own attention c
 
 from __future__ import annotations
 
-import sys
-
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxtune import backend, fastmath
+from mlxtune import backend, fastmath, routing
 
 BLOCK = 128  # queries per block: smaller wastes less of the diagonal blocks, larger makes
              # fewer, bigger matmuls; 128 measured best at L = 1024 here (docs/performance.md)
@@ -89,7 +87,6 @@ def _routed(original):
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask,
                         sinks=sinks, **kwargs)
 
-    scaled_dot_product_attention._mlxtune_original = original
     return scaled_dot_product_attention
 
 
@@ -97,10 +94,4 @@ def install(model: nn.Module) -> bool:
     """Route `model`'s attention through blockwise_attention on the CPU backend (a no-op
     elsewhere: the decision is taken per call). Returns whether the model's module uses
     mlx_lm's shared attention function (and so is covered)."""
-    module = sys.modules.get(type(model).__module__)
-    fn = getattr(module, "scaled_dot_product_attention", None)
-    if fn is None:
-        return False
-    if not hasattr(fn, "_mlxtune_original"):
-        module.scaled_dot_product_attention = _routed(fn)
-    return True
+    return routing.route(model, "scaled_dot_product_attention", _routed)

@@ -36,12 +36,11 @@ CPU too.
 from __future__ import annotations
 
 import os
-import sys
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxtune import backend
+from mlxtune import backend, routing
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693145751953125  # 12 significant bits: n * _LN2_HI is exact for |n| < 2^12
@@ -165,17 +164,10 @@ def _routed(original):
             return _swiglu(gate, x)
         return original(gate, x)
 
-    routed_swiglu._mlxtune_original = original
     return routed_swiglu
 
 
 def install(model: nn.Module) -> bool:
     """Route the model module's `swiglu` (mlx_lm's MLP activation) through `swiglu` on the
     CPU backend, decided per call. Returns whether the module uses it."""
-    module = sys.modules.get(type(model).__module__)
-    fn = getattr(module, "swiglu", None)
-    if fn is None:
-        return False
-    if not hasattr(fn, "_mlxtune_original"):
-        module.swiglu = _routed(fn)
-    return True
+    return routing.route(model, "swiglu", _routed)

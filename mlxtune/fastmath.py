@@ -26,9 +26,9 @@ use these.
 - `swiglu`: SiLU(gate) * x, mlx_lm's MLP activation, with the sigmoid recomputed in the
   backward pass (cheap now; saving it would hold another [tokens x hidden] array).
 
-`install(model)` routes mlx_lm's `swiglu` through `swiglu` on the CPU backend (the model
-module's own name is replaced, as mlxtune.attention does for attention; the decision is
-taken per call); mlxtune.attention calls `softmax` itself. Other backends keep MLX's ops:
+`install(model)` routes mlx_lm's `swiglu` through `swiglu` on the CPU backend (the name is
+replaced in the model's own module by mlxtune.routing, as for the attention; the decision
+is taken per call); mlxtune.attention calls `softmax` itself. Other backends keep MLX's ops:
 their `exp` is a vectorised GPU kernel already. MLXTUNE_FASTMATH=0 keeps MLX's ops on the
 CPU too.
 """

@@ -23,18 +23,60 @@ mlx_lm's model classes rather than by re-implementing an architecture:
   pieces were all recomputed at once and the peak was higher than the full logits').
   Supported for the model families whose head is known (HEAD_FAMILIES) and frozen; other
   models fall back to the full logits, with the same result.
+
+- On the CPU backend (mlxtune.fastmath enabled) the loss always runs in chunks of at most
+  FAST_CHUNK positions with `fastmath.exp`, whose two temporaries per call are then small.
+  When the loss is being differentiated (the trainer marks it with `for_gradient`), each
+  chunk's forward pass also computes the gradient with respect to its hidden states per
+  unit of loss (softmax minus the one-hot target, through the head's VJP) and keeps only
+  that [positions x hidden] array: the loss is the last op of a step, so the backward pass
+  only scales it by each position's cotangent, and neither the logits nor their
+  exponentials are computed a second time. Without the mark, the backward pass recomputes
+  each chunk's logits and takes one exponential, exp(logits - log-sum-exp).
 """
 
 from __future__ import annotations
+
+import contextvars
+import functools
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlxtune import fastmath
+
 # model_type -> how the output head is applied to the trunk's last hidden state. Each
 # entry is checked against the model's own __call__ in tests/test_forward.py.
 HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
                  "phi3", "granite", "smollm3", "olmo2", "starcoder2"}
+
+# Positions per chunk of the loss on the fastmath path. MLX's CPU backend allocates an op's
+# output when it dispatches the op, up to ~100 ops (10 tasks of 10 dispatches) ahead of the
+# thread that computes them, so several chunks' [chunk x vocab] arrays are alive at once
+# however the chunks are ordered, and the memory grows with the chunk size. Measured over
+# 1,220 positions of SmolLM2's 49,152-word head, forward and backward: peak 708 MB with
+# chunks of 64 (12.5 MB a copy), 1,047 MB with 128, 1,076 MB for the full logits; the
+# head's matmul on 64 rows is still large enough for BLAS.
+FAST_CHUNK = 64
+
+# Set while a loss is traced for its gradient (`for_gradient`).
+_FOR_GRADIENT = contextvars.ContextVar("mlxtune_loss_for_gradient", default=False)
+
+
+def for_gradient(loss_fn):
+    """loss_fn, marked as computed to be differentiated (the trainer wraps its objective
+    with this before nn.value_and_grad): the fastmath loss then computes its gradient in
+    the forward pass. Calling it without differentiating only wastes that work."""
+    @functools.wraps(loss_fn)
+    def marked(*args, **kwargs):
+        token = _FOR_GRADIENT.set(True)
+        try:
+            return loss_fn(*args, **kwargs)
+        finally:
+            _FOR_GRADIENT.reset(token)
+
+    return marked
 
 
 class SegmentMask:
@@ -126,16 +168,111 @@ def chunked_token_losses(model: nn.Module, tokens: mx.array, targets: mx.array,
 
     chunk <= 0, a model whose head is not known, or a head with trainable parameters (its
     gradient would be lost: the chunks' backward pass differentiates the hidden states
-    only) computes the full logits instead."""
-    if (chunk <= 0 or not splits_head(model)
+    only) computes the full logits instead; so do batches of at most `chunk` positions
+    off the fastmath path (one chunk holds as much as the full logits). With fastmath the
+    chunks are at most FAST_CHUNK positions."""
+    fast = fastmath.enabled()
+    positions = tokens.shape[0] * tokens.shape[1]
+    if (chunk <= 0 or not splits_head(model) or (positions <= chunk and not fast)
             or tree_flatten(_head_module(model).trainable_parameters())):
         out = logits(model, tokens, segments).astype(mx.float32)
         return nn.losses.cross_entropy(out, targets, reduction="none")
     h = hidden_states(model, tokens, segments)
     b, length, d = h.shape
-    losses = _chunked_cross_entropy(model, chunk)(h.reshape(b * length, d),
-                                                   targets.reshape(b * length))
+    if not fast:
+        loss_fn = _chunked_cross_entropy(model, chunk)
+    elif _FOR_GRADIENT.get():
+        loss_fn = _fast_cross_entropy_with_gradient(model, min(chunk, FAST_CHUNK))
+    else:
+        loss_fn = _fast_cross_entropy(model, min(chunk, FAST_CHUNK))
+    losses = loss_fn(h.reshape(b * length, d), targets.reshape(b * length))
     return losses.reshape(b, length)
+
+
+def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+
+
+def _after(x: mx.array, previous: mx.array | None) -> mx.array:
+    """x, ordered after `previous` by the scheduler (one chunk's buffers at a time)."""
+    return x if previous is None else mx.depends(x, previous)
+
+
+def _fast_chunk_loss(logits: mx.array, targets: mx.array):
+    """(cross-entropy [c], exponentials e^(logits - max) [c, V], their sums [c, 1])."""
+    top = logits.max(axis=-1, keepdims=True)
+    e = fastmath.exp(logits - top)
+    sums = e.sum(axis=-1, keepdims=True)
+    target_logit = mx.take_along_axis(logits, targets[:, None], axis=-1)
+    return (top + mx.log(sums) - target_logit)[:, 0], e, sums
+
+
+def _fast_cross_entropy_with_gradient(model: nn.Module, chunk: int):
+    """f(h [N, D], targets [N]) -> per-position cross-entropy [N] on fastmath, a chunk at a
+    time, each chunk's gradient with respect to h (per unit loss) computed beside it."""
+
+    def head(x):
+        return apply_head(model, x).astype(mx.float32)
+
+    @mx.custom_function
+    def cross_entropy(h, targets):
+        losses, grads, previous = [], [], None
+        vocab = None
+        for a, b in _spans(h.shape[0], chunk):
+            hc = _after(h[a:b], previous)
+            logits = head(hc)
+            if vocab is None:
+                vocab = mx.arange(logits.shape[-1])
+            loss, e, sums = _fast_chunk_loss(logits, targets[a:b])
+            # d loss / d logits = softmax - one_hot(target)
+            d_logits = e * (1.0 / sums) - (vocab[None, :] == targets[a:b, None])
+            _, (previous,) = mx.vjp(head, [hc], [d_logits])
+            losses.append(loss)
+            grads.append(previous)
+        return mx.concatenate(losses), mx.concatenate(grads)
+
+    @cross_entropy.vjp
+    def cross_entropy_vjp(primals, cotangents, outputs):
+        h, targets = primals
+        grad = outputs[1] * cotangents[0][:, None]
+        return grad.astype(h.dtype), mx.zeros_like(targets)
+
+    return lambda h, targets: cross_entropy(h, targets)[0]
+
+
+def _fast_cross_entropy(model: nn.Module, chunk: int):
+    """f(h [N, D], targets [N]) -> per-position cross-entropy [N] on fastmath, a chunk at a
+    time; the backward pass recomputes each chunk's logits, and its softmax is the one
+    exponential exp(logits - log-sum-exp), the log-sum-exp being loss + target logit."""
+
+    def head(x):
+        return apply_head(model, x).astype(mx.float32)
+
+    @mx.custom_function
+    def cross_entropy(h, targets):
+        out, previous = [], None
+        for a, b in _spans(h.shape[0], chunk):
+            previous, _, _ = _fast_chunk_loss(head(_after(h[a:b], previous)), targets[a:b])
+            out.append(previous)
+        return mx.concatenate(out)
+
+    @cross_entropy.vjp
+    def cross_entropy_vjp(primals, cotangent, output):
+        h, targets = primals
+        grads, previous, vocab = [], None, None
+        for a, b in _spans(h.shape[0], chunk):
+            hc = _after(h[a:b], previous)
+            logits = head(hc)
+            if vocab is None:
+                vocab = mx.arange(logits.shape[-1])
+            target_logit = mx.take_along_axis(logits, targets[a:b, None], axis=-1)
+            p = fastmath.exp(logits - (output[a:b, None] + target_logit))
+            d_logits = (p - (vocab[None, :] == targets[a:b, None])) * cotangent[a:b, None]
+            _, (previous,) = mx.vjp(head, [hc], [d_logits])
+            grads.append(previous)
+        return mx.concatenate(grads).astype(h.dtype), mx.zeros_like(targets)
+
+    return cross_entropy
 
 
 def _chunked_cross_entropy(model: nn.Module, chunk: int):
@@ -145,17 +282,11 @@ def _chunked_cross_entropy(model: nn.Module, chunk: int):
     def head(x):
         return apply_head(model, x).astype(mx.float32)
 
-    def spans(n):
-        return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
-
-    def after(x, previous):  # x, ordered after `previous` by the scheduler
-        return x if previous is None else mx.depends(x, previous)
-
     @mx.custom_function
     def cross_entropy(h, targets):
         out, previous = [], None
-        for a, b in spans(h.shape[0]):
-            logits = head(after(h[a:b], previous))
+        for a, b in _spans(h.shape[0], chunk):
+            logits = head(_after(h[a:b], previous))
             previous = (mx.logsumexp(logits, axis=-1)
                         - mx.take_along_axis(logits, targets[a:b, None], axis=-1)[:, 0])
             out.append(previous)
@@ -165,8 +296,8 @@ def _chunked_cross_entropy(model: nn.Module, chunk: int):
     def cross_entropy_vjp(primals, cotangent, _output):
         h, targets = primals
         grads, previous, vocab = [], None, None
-        for a, b in spans(h.shape[0]):
-            hc = after(h[a:b], previous)
+        for a, b in _spans(h.shape[0], chunk):
+            hc = _after(h[a:b], previous)
             logits = head(hc)
             if vocab is None:
                 vocab = mx.arange(logits.shape[-1])

@@ -214,6 +214,27 @@ def test_checkpointing_and_compile_do_not_change_results(workdir, capsys, option
         assert np.abs(runs["plain"][k] - runs["variant"][k]).max() < 3e-5, k
 
 
+def test_fastmath_loss_does_not_change_results(workdir, capsys, monkeypatch):
+    """The trainer's loss on the CPU (fastmath, its gradient computed in the forward pass)
+    against MLX's ops (MLXTUNE_FASTMATH=0): the same adapter after 3 steps."""
+    from mlxtune import forward
+
+    used = []
+    original = forward._fast_cross_entropy_with_gradient
+    monkeypatch.setattr(forward, "_fast_cross_entropy_with_gradient",
+                        lambda *a: used.append(1) or original(*a))
+    runs = {}
+    for name, flag in {"mlx": "0", "fastmath": "1"}.items():
+        monkeypatch.setenv("MLXTUNE_FASTMATH", flag)
+        config = _config_with(workdir, iters=3, eval_every=0)
+        code, out = run_cli(["run", str(config), "--run-dir", str(workdir / name), "-q"], capsys)
+        assert code == 0, out.err
+        runs[name] = adapter_of(workdir / name / "adapters")
+        assert bool(used) == (flag == "1")
+    for k in runs["mlx"]:  # the bound of the test above
+        assert np.abs(runs["mlx"][k] - runs["fastmath"][k]).max() < 3e-5, k
+
+
 def test_packed_step_equals_unpacked_step(workdir, capsys):
     """One step over the same 4 examples: packed into one row, or a batch of 4 rows."""
     write_jsonl(workdir / "four.jsonl", [chat(i) for i in range(4)])

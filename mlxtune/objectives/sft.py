@@ -15,13 +15,11 @@ from mlxtune import forward
 def token_losses(model: nn.Module, tokens: mx.array, mask: mx.array,
                  segments: mx.array | None = None,
                  chunk: int = 0) -> tuple[mx.array, mx.array]:
-    """Per-position cross-entropy of predicting tokens[:, 1:], and the mask for it.
-    The head is chunked only when the batch has more than `chunk` positions."""
+    """Per-position cross-entropy of predicting tokens[:, 1:], and the mask for it (the
+    head in chunks of `chunk` positions: forward.chunked_token_losses)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     seg = None if segments is None else segments[:, :-1]
-    positions = inputs.shape[0] * inputs.shape[1]
-    losses = forward.chunked_token_losses(model, inputs, targets, seg,
-                                          chunk=chunk if positions > chunk else 0)
+    losses = forward.chunked_token_losses(model, inputs, targets, seg, chunk=chunk)
     return losses, mask[:, 1:]
 
 

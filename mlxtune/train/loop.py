@@ -29,7 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from mlxtune import backend, data, objectives
+from mlxtune import backend, data, forward, objectives
 from mlxtune.config import Config
 from mlxtune.data.batcher import Batcher
 from mlxtune.data.preference import PairBatcher, collate_pairs
@@ -201,7 +201,7 @@ class Trainer:
 
     def _build_steps(self, optimizer: optim.Optimizer):
         model, t = self.model, self.cfg.train
-        loss_and_grad = nn.value_and_grad(model, self.loss_fn)
+        loss_and_grad = nn.value_and_grad(model, forward.for_gradient(self.loss_fn))
         state = [model.state, optimizer.state, mx.random.state]
 
         def finish(grads, ntok):

@@ -61,6 +61,12 @@ class LoRALinear(nn.Module):
         if hasattr(self.linear, "with_lora"):  # our formats: LoRA fused into the kernel
             return self.linear.with_lora(x, xa, b, self.scale)
         y = self.linear(x)
+        if y.dtype == xa.dtype == b.dtype:
+            # One BLAS call adds the update into y's buffer (beta = 1): no separate
+            # [tokens x out] product and add, here or in the backward pass; measured on the
+            # CPU for a 576 -> 1,536 layer over 1,216 tokens, forward and backward: 29.8 ms
+            # against 34.0 (the frozen layer alone: 27.2).
+            return mx.addmm(y, xa, b, alpha=self.scale)
         return y + (self.scale * (xa @ b)).astype(x.dtype)
 
 

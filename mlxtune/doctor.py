@@ -16,7 +16,7 @@ def _version(dist: str) -> str:
 def report() -> dict:
     import mlx.core as mx
 
-    from mlxtune import backend, models
+    from mlxtune import _malloc, backend, models
 
     info = backend.device_info()
     out = {
@@ -27,6 +27,8 @@ def report() -> dict:
         "backend": info["backend"],
         "device": info.get("device_name", info["device"]),
         "blas": info["blas"],
+        "host malloc": ("freed buffers kept for reuse (MLXTUNE_MALLOC=0: glibc's defaults)"
+                        if _malloc.state["tuned"] else f"defaults ({_malloc.state['reason']})"),
         "compute dtype": str(backend.compute_dtype()).replace("mlx.core.", ""),
         "system memory": f"{info['system_memory_gb']:.1f} GB",
     }

@@ -17,10 +17,12 @@ request names the due day as an ordinal ("June 2nd", "the 3rd") the rejected ans
 the ordinal into the date ("2025-06-2nd", kind ordinal_date): the one schema failure the
 quickstart's SFT adapter still makes on its held-out requests (always a single-digit day).
 After the N_PAIRS pairs come N_DATE_PAIRS more about the due date alone (DATE_KINDS, in
-turn), so DPO sees that failure often enough and not only that: a single-digit ordinal day
-copied ("May 2nd" -> "2025-05-2nd") or without its zero ("2025-05-2", what a first DPO
-adapter wrote once it had learnt to drop the suffix); and, against over-correcting, a
-two-digit day cut to a padded first digit ("2025-04-30" -> "2025-04-03") and a date
+turn), so DPO sees that failure often enough and not only that. Three kinds are on the
+days whose ordinal suffix is irregular (1st, 2nd, 3rd: every date miss of the SFT adapter
+on its held-out requests): the ordinal copied ("May 2nd" -> "2025-05-2nd"), the day
+without its zero ("2025-05-2", what a first DPO adapter wrote once it had learnt to drop
+the suffix) and the zero after the digit ("2025-05-20"); and two against over-correcting:
+a two-digit day cut to a padded first digit ("2025-04-30" -> "2025-04-03") and a date
 invented where the request has none, the misses of a DPO adapter trained on the first two
 kinds alone.
 
@@ -45,7 +47,7 @@ import make_quickstart_data as sft_data  # noqa: E402
 
 SEED = 20250315
 N_PAIRS = 1200
-N_DATE_PAIRS = 240
+N_DATE_PAIRS = 300
 OUT = sft_data.OUT
 
 # kind -> weight: the format failures that break the schema, and the value failures that
@@ -171,10 +173,16 @@ def ordinal_date(answer: dict, request: str, unpadded: bool = False) -> str | No
     return dumps({**answer, "due_date": f"{due[:8]}{wrong}"})
 
 
-# The date pairs' kinds, in turn: the SFT adapter's miss (a single-digit ordinal day
-# copied, or without its zero) and the two misses a DPO adapter trained on those alone
-# made instead (a two-digit day cut to its first digit, a date where none was asked).
-DATE_KINDS = ["ordinal_date", "shortened_day", "unpadded_date", "invented_date"]
+# The date pairs' kinds, in turn: the SFT adapter's misses on the days with an irregular
+# ordinal suffix (1st, 2nd, 3rd: the ordinal copied, the day without its zero, the zero
+# put after the digit: "2025-04-30" for the 3rd) and the two misses a DPO adapter trained
+# on the first two alone made instead (a two-digit day cut to its first digit, a date
+# where none was asked).
+DATE_KINDS = ["ordinal_date", "shortened_day", "unpadded_date", "invented_date",
+              "zero_appended"]
+# The single-digit days whose ordinal suffix is not "th": the SFT adapter's date misses
+# on its held-out requests are all on these (the regular 4th..9th it pads right).
+IRREGULAR_DAYS = ("01", "02", "03")
 
 
 def date_miss(answer: dict, request: str, kind: str, rng: random.Random) -> str | None:
@@ -192,8 +200,12 @@ def date_miss(answer: dict, request: str, kind: str, rng: random.Random) -> str 
         if day.startswith("0"):
             return None
         return dumps({**answer, "due_date": f"{due[:8]}0{day[0]}"})
-    if not day.startswith("0"):  # ordinal_date / unpadded_date: single-digit ordinal days
+    if day not in IRREGULAR_DAYS:  # the other kinds: 1st, 2nd, 3rd named as ordinals
         return None
+    if kind == "zero_appended":
+        if ordinal_date(answer, request) is None:
+            return None
+        return dumps({**answer, "due_date": f"{due[:8]}{day[1]}0"})
     return ordinal_date(answer, request, unpadded=kind == "unpadded_date")
 
 

@@ -6,8 +6,8 @@ time) and hands freed memory back to the kernel, so a training step that frees a
 re-allocates its activations page-faults them in again every step: measured on
 SmolLM2-135M at 4 x 336 tokens, ~200,000 minor faults (0.8 GB of zeroed pages) a step,
 and a new batch shape, whose buffer sizes differ, ~1 GB. Fixing the mmap threshold at its
-maximum (32 MB: smaller buffers come from the heap) and not trimming the heap below 2 GB of
-free space took that to 0 after the first step (docs/performance.md).
+maximum (32 MB: smaller buffers come from the heap) and trimming the heap only when over
+2 GB of it is free took that to 0 after the first step (docs/performance.md).
 
 The cost is that memory freed below 32 MB stays with the process instead of going back to
 the system; MLX's own accounting (mx.get_peak_memory, the memory planner) is unchanged.
@@ -15,7 +15,6 @@ MLXTUNE_MALLOC=0 leaves glibc's defaults. Other C libraries and platforms: nothi
 """
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -40,8 +39,7 @@ def tune() -> None:
         state["reason"] = "disabled by MLXTUNE_MALLOC=0"
         return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library Python itself runs on
     except (OSError, AttributeError):
         state["reason"] = "no glibc mallopt"
         return

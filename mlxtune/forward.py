@@ -245,6 +245,31 @@ def _fast_cross_entropy(model: nn.Module, chunk: int):
     time; the backward pass recomputes each chunk's logits, and its softmax is the one
     exponential exp(logits - log-sum-exp), the log-sum-exp being loss + target logit."""
 
+    def softmax(logits, targets, loss):
+        target_logit = mx.take_along_axis(logits, targets[:, None], axis=-1)
+        return fastmath.exp(logits - (loss[:, None] + target_logit))
+
+    return _recomputing_cross_entropy(
+        model, chunk, lambda logits, targets: _fast_chunk_loss(logits, targets)[0], softmax)
+
+
+def _chunked_cross_entropy(model: nn.Module, chunk: int):
+    """f(h [N, D], targets [N]) -> per-position cross-entropy [N] with MLX's ops, a chunk of
+    rows at a time, with a backward pass that recomputes each chunk's logits."""
+
+    def loss(logits, targets):
+        return (mx.logsumexp(logits, axis=-1)
+                - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0])
+
+    return _recomputing_cross_entropy(
+        model, chunk, loss, lambda logits, _targets, _loss: mx.softmax(logits, axis=-1))
+
+
+def _recomputing_cross_entropy(model: nn.Module, chunk: int, chunk_loss, chunk_softmax):
+    """The chunked loss whose backward pass recomputes each chunk's logits:
+    chunk_loss(logits, targets) -> cross-entropy [c]; chunk_softmax(logits, targets,
+    loss) -> the softmax of the logits [c, V]."""
+
     def head(x):
         return apply_head(model, x).astype(mx.float32)
 
@@ -252,7 +277,7 @@ def _fast_cross_entropy(model: nn.Module, chunk: int):
     def cross_entropy(h, targets):
         out, previous = [], None
         for a, b in _spans(h.shape[0], chunk):
-            previous, _, _ = _fast_chunk_loss(head(_after(h[a:b], previous)), targets[a:b])
+            previous = chunk_loss(head(_after(h[a:b], previous)), targets[a:b])
             out.append(previous)
         return mx.concatenate(out)
 
@@ -265,45 +290,10 @@ def _fast_cross_entropy(model: nn.Module, chunk: int):
             logits = head(hc)
             if vocab is None:
                 vocab = mx.arange(logits.shape[-1])
-            target_logit = mx.take_along_axis(logits, targets[a:b, None], axis=-1)
-            p = fastmath.exp(logits - (output[a:b, None] + target_logit))
-            d_logits = (p - (vocab[None, :] == targets[a:b, None])) * cotangent[a:b, None]
-            _, (previous,) = mx.vjp(head, [hc], [d_logits])
-            grads.append(previous)
-        return mx.concatenate(grads).astype(h.dtype), mx.zeros_like(targets)
-
-    return cross_entropy
-
-
-def _chunked_cross_entropy(model: nn.Module, chunk: int):
-    """f(h [N, D], targets [N]) -> per-position cross-entropy [N], a chunk of rows at a
-    time, with a backward pass that recomputes each chunk's logits."""
-
-    def head(x):
-        return apply_head(model, x).astype(mx.float32)
-
-    @mx.custom_function
-    def cross_entropy(h, targets):
-        out, previous = [], None
-        for a, b in _spans(h.shape[0], chunk):
-            logits = head(_after(h[a:b], previous))
-            previous = (mx.logsumexp(logits, axis=-1)
-                        - mx.take_along_axis(logits, targets[a:b, None], axis=-1)[:, 0])
-            out.append(previous)
-        return mx.concatenate(out)
-
-    @cross_entropy.vjp
-    def cross_entropy_vjp(primals, cotangent, _output):
-        h, targets = primals
-        grads, previous, vocab = [], None, None
-        for a, b in _spans(h.shape[0], chunk):
-            hc = _after(h[a:b], previous)
-            logits = head(hc)
-            if vocab is None:
-                vocab = mx.arange(logits.shape[-1])
             # d loss / d logits = softmax - one_hot(target), times the cotangent.
             one_hot = (vocab[None, :] == targets[a:b, None]).astype(logits.dtype)
-            d_logits = (mx.softmax(logits, axis=-1) - one_hot) * cotangent[a:b, None]
+            p = chunk_softmax(logits, targets[a:b], output[a:b])
+            d_logits = (p - one_hot) * cotangent[a:b, None]
             _, (previous,) = mx.vjp(head, [hc], [d_logits])
             grads.append(previous)
         return mx.concatenate(grads).astype(h.dtype), mx.zeros_like(targets)

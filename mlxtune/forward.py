@@ -33,6 +33,11 @@ mlx_lm's model classes rather than by re-implementing an architecture:
   only scales it by each position's cotangent, and neither the logits nor their
   exponentials are computed a second time. Without the mark, the backward pass recomputes
   each chunk's logits and takes one exponential, exp(logits - log-sum-exp).
+
+- On the CPU backend with mlxtune.native's kernels built, a float32 head without a final
+  scaling runs as one primitive instead (`native_cross_entropy`): the same scheme in C++,
+  through one scratch buffer, at the positions the caller marks `active` (those that bear
+  loss) only; the others get loss 0 and cost nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxtune import fastmath
+from mlxtune import fastmath, native
 
 # model_type -> how the output head is applied to the trunk's last hidden state. Each
 # entry is checked against the model's own __call__ in tests/test_forward.py.
@@ -162,9 +167,12 @@ def _head_module(model: nn.Module) -> nn.Module:
 
 
 def chunked_token_losses(model: nn.Module, tokens: mx.array, targets: mx.array,
-                         segments: mx.array | None = None, chunk: int = 1024) -> mx.array:
+                         segments: mx.array | None = None, chunk: int = 1024,
+                         active: mx.array | None = None) -> mx.array:
     """Cross-entropy of each position predicting `targets` (same shape as tokens), float32
-    [B, L], never holding the logits of more than `chunk` positions.
+    [B, L], never holding the logits of more than `chunk` positions. `active` (bool, the
+    shape of tokens) marks the positions whose loss is used: elsewhere the loss may be
+    returned as 0 without being computed (the native kernel skips them).
 
     chunk <= 0, a model whose head is not known, or a head with trainable parameters (its
     gradient would be lost: the chunks' backward pass differentiates the hidden states
@@ -179,6 +187,13 @@ def chunked_token_losses(model: nn.Module, tokens: mx.array, targets: mx.array,
         return nn.losses.cross_entropy(out, targets, reduction="none")
     h = hidden_states(model, tokens, segments)
     b, length, d = h.shape
+    weight = _native_head_weight(model, h) if fast else None
+    if weight is not None:
+        every = mx.ones(targets.shape, mx.bool_) if active is None else active.astype(mx.bool_)
+        losses = native.load().cross_entropy(
+            h.reshape(b * length, d), weight, targets.reshape(b * length).astype(mx.int32),
+            every.reshape(b * length), _FOR_GRADIENT.get())
+        return losses.reshape(b, length)
     if not fast:
         loss_fn = _chunked_cross_entropy(model, chunk)
     elif _FOR_GRADIENT.get():
@@ -187,6 +202,21 @@ def chunked_token_losses(model: nn.Module, tokens: mx.array, targets: mx.array,
         loss_fn = _fast_cross_entropy(model, min(chunk, FAST_CHUNK))
     losses = loss_fn(h.reshape(b * length, d), targets.reshape(b * length))
     return losses.reshape(b, length)
+
+
+def _native_head_weight(model: nn.Module, h: mx.array) -> mx.array | None:
+    """The head's weight [V, D] when mlxtune.native's cross-entropy covers this model's
+    head (a float32 linear head or tied embedding, no soft cap or logit scaling, float32
+    hidden states) and the kernels are built; else None."""
+    if (h.dtype != mx.float32 or getattr(model, "final_logit_softcapping", None)
+            or model.model_type == "granite"):
+        return None
+    head = _head_module(model)
+    if type(head) not in (nn.Linear, nn.Embedding) or "bias" in head:
+        return None
+    if head.weight.dtype != mx.float32 or native.load() is None:
+        return None
+    return head.weight
 
 
 def _float_head(model: nn.Module):

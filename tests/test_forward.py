@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from mlxtune import forward
+from mlxtune import forward, native
 from mlxtune.adapters import apply_lora
 from mlxtune.config import AdapterConfig
 from tests.tiny import build_model, model_args
@@ -80,15 +80,22 @@ def test_segment_mask_is_block_causal():
     assert not windowed[4, 2] and windowed[4, 3] and windowed[4, 4]
 
 
-# The loss's three implementations: MLX's ops in chunks (Metal, CUDA, MLXTUNE_FASTMATH=0),
-# fastmath's with the backward pass recomputing each chunk, and fastmath's with the
-# gradient computed in the forward pass (a loss the trainer marks with for_gradient).
-LOSS_PATHS = ["mlx", "fastmath", "fastmath-for-gradient"]
+# The loss's five implementations: MLX's ops in chunks (Metal, CUDA, MLXTUNE_FASTMATH=0),
+# fastmath's with the backward pass recomputing each chunk, fastmath's with the gradient
+# computed in the forward pass (a loss the trainer marks with for_gradient), and
+# mlxtune.native's kernel (the CPU default where it is built), without and with the mark.
+LOSS_PATHS = ["mlx", "fastmath", "fastmath-for-gradient", "native", "native-for-gradient"]
 
 
 def _loss_path(path: str, monkeypatch, fn):
     monkeypatch.setenv("MLXTUNE_FASTMATH", "0" if path == "mlx" else "1")
-    return forward.for_gradient(fn) if path == "fastmath-for-gradient" else fn
+    if path.startswith("native"):
+        if native._unavailable() is not None:
+            pytest.skip(f"native kernels: {native._unavailable()}")
+        monkeypatch.delenv("MLXTUNE_NATIVE", raising=False)
+    else:
+        monkeypatch.setenv("MLXTUNE_NATIVE", "0")
+    return forward.for_gradient(fn) if path.endswith("for-gradient") else fn
 
 
 @pytest.mark.parametrize("path", LOSS_PATHS)
@@ -113,8 +120,9 @@ def test_chunked_loss_equals_full_loss_and_gradient(case, chunk, path, monkeypat
 
     full_loss, full_grads = loss(lambda m: nn.losses.cross_entropy(
         m(tokens).astype(mx.float32), targets, reduction="none"))
+    # `active`: the positions whose loss is used (the native kernel computes only those)
     chunk_loss, chunk_grads = loss(_loss_path(path, monkeypatch, lambda m: (
-        forward.chunked_token_losses(m, tokens, targets, chunk=chunk))))
+        forward.chunked_token_losses(m, tokens, targets, chunk=chunk, active=mask != 0))))
     np.testing.assert_allclose(chunk_loss.item(), full_loss.item(), rtol=1e-5)
     full, chunked = dict(tree_flatten(full_grads)), dict(tree_flatten(chunk_grads))
     assert full.keys() == chunked.keys() and full
@@ -200,6 +208,7 @@ def test_the_trainer_computes_the_loss_gradient_in_the_forward_pass(monkeypatch)
     """On the fastmath path the trainer's step takes the loss whose forward pass computes
     its gradient; evaluation (no gradient) takes the plain one."""
     monkeypatch.setenv("MLXTUNE_FASTMATH", "1")
+    monkeypatch.setenv("MLXTUNE_NATIVE", "0")
     used = []
     for name in ("_fast_cross_entropy_with_gradient", "_fast_cross_entropy"):
         original = getattr(forward, name)
@@ -217,3 +226,49 @@ def test_the_trainer_computes_the_loss_gradient_in_the_forward_pass(monkeypatch)
     assert used == ["_fast_cross_entropy_with_gradient"]
     np.testing.assert_allclose(loss(model).item(), marked.item(), rtol=1e-6)
     assert used[-1] == "_fast_cross_entropy"
+
+
+@pytest.mark.skipif(native._unavailable() is not None, reason="native kernels not buildable")
+def test_the_trainer_takes_the_native_loss_with_its_gradient(monkeypatch):
+    """Where the native kernels are built, the CPU loss is theirs: with the gradient in
+    the forward pass for the trainer's marked loss, without it for evaluation; a head
+    with a soft cap (Gemma 2) keeps fastmath's."""
+    monkeypatch.setenv("MLXTUNE_FASTMATH", "1")
+    monkeypatch.delenv("MLXTUNE_NATIVE", raising=False)
+    kernels = native.load()
+    assert kernels is not None, native.state["reason"]
+    calls = []
+    original = kernels.cross_entropy
+    monkeypatch.setattr(kernels, "cross_entropy", lambda *a: calls.append(a[-1]) or original(*a))
+    for case, expected in (("llama", [True, False]), ("qwen3", [True, False]), ("gemma2", [])):
+        calls.clear()
+        model = _model(case)
+        apply_lora(model, AdapterConfig(rank=4, alpha=8.0))
+        tokens = mx.array([[3, 4, 5, 6, 7, 8]])
+        targets = mx.array([[4, 5, 6, 7, 8, 9]])
+
+        def loss(m):
+            return forward.chunked_token_losses(m, tokens, targets, chunk=4).sum()
+
+        marked, _ = nn.value_and_grad(model, forward.for_gradient(loss))(model)
+        np.testing.assert_allclose(loss(model).item(), marked.item(), rtol=1e-6)
+        assert calls == expected, case
+
+
+@pytest.mark.skipif(native._unavailable() is not None, reason="native kernels not buildable")
+def test_the_native_loss_never_holds_the_full_logits(monkeypatch):
+    monkeypatch.delenv("MLXTUNE_NATIVE", raising=False)
+    kernels = native.load()
+    head = _HeadOnly(64, 8192)
+    head.freeze()
+    mx.random.seed(0)
+    h = mx.random.normal((2048, 64))
+    targets = mx.random.randint(0, 8192, (2048,)).astype(mx.int32)
+    every = mx.ones((2048,), mx.bool_)
+    full = _peak_of_gradient(lambda x: nn.losses.cross_entropy(
+        forward.apply_head(head, x), targets, reduction="none"), h)
+    for with_grad in (True, False):
+        peak = _peak_of_gradient(lambda x: kernels.cross_entropy(
+            x, head.lm_head.weight, targets, every, with_grad), h)
+        # its scratch (256 rows of logits here, 8 MB) is counted: MLX's allocator
+        assert 256 * 8192 * 4 <= peak < full / 4, (with_grad, peak, full)

@@ -1,11 +1,16 @@
 """mlxtune's C++ primitives for MLX's CPU backend, built on this machine and cached.
 
-`cpu_attention.cpp` is one MLX primitive (with its own backward primitive) for causal
-attention: per query block two sgemm calls through the BLAS MLX uses and one vectorised
-pass for mask, max, exp and sum in between, heads spread over the BLAS's threads, the
-backward pass recomputing the probabilities from the saved log-sum-exp. It replaces
-mlxtune.attention's composed blockwise form on the CPU backend (4-5x faster forward, ~2.4x
-forward + backward at L = 1024 here; docs/performance.md).
+Two MLX primitives, each with its backward pass:
+- `attention.cpp`, causal attention: per query block two sgemm calls through the BLAS MLX
+  uses and one vectorised pass for mask, max, exp and sum in between, heads spread over
+  the BLAS's threads, the backward pass recomputing the probabilities from the saved
+  log-sum-exp. It replaces mlxtune.attention's composed blockwise form on the CPU backend
+  (4-5x faster forward, ~2.4x forward + backward at L = 1024 here; docs/performance.md).
+- `cross_entropy.cpp`, the output head and the cross-entropy over the vocabulary at the
+  loss-bearing positions only, a chunk of positions at a time through one scratch buffer,
+  its gradient with respect to the hidden states computed beside the loss (mlxtune.forward
+  uses it on the CPU backend).
+`common.h` holds what they share; `module.cpp` makes them one extension module.
 
 The extension is compiled against the installed MLX's headers and library with nanobind
 (the same nanobind ABI and domain as mlx.core, so that it takes and returns mx.array) and
@@ -36,8 +41,10 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-NAME = "_cpu_attention"
-SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+NAME = "_cpu_kernels"
+HERE = Path(__file__).parent
+SOURCES = [HERE / "attention.cpp", HERE / "cross_entropy.cpp", HERE / "module.cpp"]
+HEADERS = [HERE / "common.h"]
 FLAGS = ["-O3", "-march=native", "-std=c++20", "-fPIC", "-fvisibility=hidden",
          "-DNB_DOMAIN=mlx", "-DNB_COMPACT_ASSERTIONS"]
 
@@ -80,7 +87,9 @@ def cache_dir() -> Path:
 
 
 def _key() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        h.update(path.read_bytes())
     for part in (importlib.metadata.version("mlx"), _nanobind_version(), sys.version,
                  platform.machine(), _cpu_features(), " ".join(FLAGS), _compiler() or ""):
         h.update(part.encode())
@@ -102,8 +111,9 @@ def _unavailable() -> str | None:
     """Why the extension cannot be built here at all, or None."""
     if not sys.platform.startswith("linux"):
         return "built on Linux only (Metal and CUDA have MLX's fused attention)"
-    if not SOURCE.exists():
-        return f"source {SOURCE} missing"
+    missing = [p.name for p in SOURCES + HEADERS if not p.exists()]
+    if missing:
+        return f"source {', '.join(missing)} missing"
     if _compiler() is None:
         return "no C++ compiler (install g++)"
     if not _nanobind_version():
@@ -133,21 +143,20 @@ def build(force: bool = False, log=None) -> Path:
         if failed.exists() and not force:
             raise BuildError(f"an earlier build failed; see {failed}")
         if log:
-            log(f"building mlxtune's CPU attention kernel into {folder} (once, ~10-30 s)")
+            log(f"building mlxtune's CPU kernels into {folder} (once, ~20-60 s)")
         mlx_dir = Path(mlx.__path__[0])
         nb_dir = Path(nanobind.source_dir()).parent
         includes = [f"-I{nb_dir / 'include'}", f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}",
                     f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}"]
         cxx = _compiler()
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            objects = [Path(tmp) / "nanobind.o", Path(tmp) / "attention.o"]
-            jobs = [
-                [cxx, *FLAGS, "-fno-strict-aliasing", *includes, "-c",
-                 str(Path(nanobind.source_dir()) / "nb_combined.cpp"), "-o", str(objects[0])],
-                [cxx, *FLAGS, "-fopenmp-simd", *includes, "-c", str(SOURCE), "-o",
-                 str(objects[1])],
-            ]
-            # The two objects compile at once (each takes a core for ~10 s).
+            objects = [Path(tmp) / "nanobind.o"] + [Path(tmp) / (p.stem + ".o") for p in SOURCES]
+            jobs = [[cxx, *FLAGS, "-fno-strict-aliasing", *includes, "-c",
+                     str(Path(nanobind.source_dir()) / "nb_combined.cpp"), "-o",
+                     str(objects[0])]]
+            jobs += [[cxx, *FLAGS, "-fopenmp-simd", *includes, "-c", str(source), "-o",
+                      str(obj)] for source, obj in zip(SOURCES, objects[1:])]
+            # The objects compile at once (each takes a core for ~10 s).
             procs = [subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True) for job in jobs]
             outputs = [p.communicate()[0] for p in procs]
@@ -163,7 +172,7 @@ def build(force: bool = False, log=None) -> Path:
             if not ok:
                 failed.write_text("\n\n".join(
                     " ".join(cmd) + "\n" + out for cmd, out in zip(jobs + [link], outputs)))
-                raise BuildError(f"compiling {SOURCE.name} failed; see {failed}")
+                raise BuildError(f"compiling mlxtune's CPU kernels failed; see {failed}")
             os.replace(Path(tmp) / target.name, target)  # atomic: readers see all or nothing
             failed.unlink(missing_ok=True)
     return target
@@ -195,11 +204,11 @@ def load(build_if_missing: bool = True):
     """The extension module, or None (state["reason"] says why). Builds it on first use
     unless build_if_missing is False; tries once per process."""
     global _module, _settled
-    if _settled:
-        return _module
     if disabled():
         state["reason"] = "disabled by MLXTUNE_NATIVE=0"
-        return None  # not settled: the variable is read on every call
+        return None  # the variable is read on every call
+    if _settled:
+        return _module
     reason = _unavailable()
     if reason:
         state["reason"], _settled = reason, True
@@ -225,5 +234,5 @@ def load(build_if_missing: bool = True):
 def describe() -> str:
     load(build_if_missing=False)
     if state["loaded"]:
-        return f"CPU attention kernel ({state['loaded']})"
+        return f"CPU attention and cross-entropy kernels ({state['loaded']})"
     return f"MLX's ops ({state['reason']})"

@@ -16,11 +16,14 @@ def token_losses(model: nn.Module, tokens: mx.array, mask: mx.array,
                  segments: mx.array | None = None,
                  chunk: int = 0) -> tuple[mx.array, mx.array]:
     """Per-position cross-entropy of predicting tokens[:, 1:], and the mask for it (the
-    head in chunks of `chunk` positions: forward.chunked_token_losses)."""
+    head in chunks of `chunk` positions: forward.chunked_token_losses; the loss may be 0
+    where the mask is)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     seg = None if segments is None else segments[:, :-1]
-    losses = forward.chunked_token_losses(model, inputs, targets, seg, chunk=chunk)
-    return losses, mask[:, 1:]
+    m = mask[:, 1:]
+    losses = forward.chunked_token_losses(model, inputs, targets, seg, chunk=chunk,
+                                          active=m != 0)
+    return losses, m
 
 
 def sft(model: nn.Module, tokens: mx.array, mask: mx.array,

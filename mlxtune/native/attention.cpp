@@ -19,72 +19,22 @@
 // packed rows (a mask that starts each example's keys at its own first token) the blocks
 // of later examples skip the earlier examples' keys entirely.
 
-#include <dlfcn.h>
-
-#include <algorithm>
-#include <atomic>
-#include <exception>
-#include <mutex>
-#include <thread>
-#include <tuple>
-#include <bit>
 #include <cmath>
-#include <cstdint>
 #include <cstring>
-#include <limits>
-#include <stdexcept>
-#include <string>
-#include <vector>
+#include <optional>
+#include <tuple>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 
-#include "mlx/allocator.h"
-#include "mlx/array.h"
-#include "mlx/backend/cpu/encoder.h"
-#include "mlx/ops.h"
-#include "mlx/primitives.h"
-#include "mlx/stream.h"
+#include "common.h"
 
-namespace mx = mlx::core;
 namespace nb = nanobind;
-
-extern "C" {
-// Resolved at load time to the BLAS MLX's own matmuls use (the system OpenBLAS that
-// mlxtune loads first, or the wheel's bundled one).
-enum CBLAS_ORDER { CblasRowMajor = 101 };
-enum CBLAS_TRANSPOSE { CblasNoTrans = 111, CblasTrans = 112 };
-void cblas_sgemm(CBLAS_ORDER, CBLAS_TRANSPOSE, CBLAS_TRANSPOSE, int m, int n, int k,
-                 float alpha, const float* a, int lda, const float* b, int ldb, float beta,
-                 float* c, int ldc);
-}
+using namespace mlxtune_native;
 
 namespace {
 
 constexpr int kBlock = 128;  // queries per block (the scores buffer is kBlock x L floats)
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// e^x without libm, so that the loops around it vectorise: x = n ln2 + r, n rounded by the
-// 1.5 * 2^23 shifter (plain float adds: this file is built without -ffast-math), Cephes'
-// polynomial for e^r, 2^n written into the exponent bits. Below -87.33 (under the smallest
-// normal float) the result is 0; NaN stays NaN.
-inline float exp_approx(float x) {
-  float xc = x < -87.33f ? -87.33f : x;
-  xc = xc > 88.37f ? 88.37f : xc;
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187e-06f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = 1.0f + r + (r * r) * p;
-  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  const float y = e * two_n;
-  return x < -87.33f ? 0.0f : y;
-}
 
 struct Shapes {
   int b, h, hk, len, d, dv, mask_batch;  // mask_batch: 0 (no mask), 1 or b
@@ -145,59 +95,6 @@ struct Views {
   const float *q, *k, *v;
   const uint8_t* mask;
 };
-
-// The BLAS's own thread count: the heads run on that many threads here, each calling a
-// single-threaded sgemm (OpenBLAS threads the small per-block products of attention
-// poorly: one thread reaches ~70% of two threads' rate on them).
-struct BlasThreads {
-  void (*set)(int) = nullptr;
-  int (*get)() = nullptr;
-  BlasThreads() {
-    set = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
-    get = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
-    if (!set || !get) set = nullptr, get = nullptr;
-  }
-};
-
-const BlasThreads& blas_threads() {
-  static const BlasThreads threads;
-  return threads;
-}
-
-// Runs task(worker, i) for i in [0, count) on the BLAS's thread count of threads, with the
-// BLAS single-threaded meanwhile; worker numbers the thread (for its scratch buffers).
-template <class Task>
-void parallel_for(int count, int workers_wanted, Task&& task) {
-  const auto& blas = blas_threads();
-  int workers = blas.get ? blas.get() : static_cast<int>(std::thread::hardware_concurrency());
-  workers = std::max(1, std::min({workers, count, workers_wanted}));
-  if (workers == 1) {
-    for (int i = 0; i < count; ++i) task(0, i);
-    return;
-  }
-  const int before = blas.get ? blas.get() : 0;
-  if (blas.set) blas.set(1);
-  std::atomic<int> next{0};
-  std::exception_ptr error;
-  std::mutex error_lock;
-  auto run = [&](int worker) {
-    try {
-      for (int i = next++; i < count; i = next++) task(worker, i);
-    } catch (...) {
-      std::lock_guard<std::mutex> hold(error_lock);
-      if (!error) error = std::current_exception();
-      next = count;
-    }
-  };
-  std::vector<std::thread> threads;
-  for (int w = 1; w < workers; ++w) threads.emplace_back(run, w);
-  run(0);
-  for (auto& t : threads) t.join();
-  if (blas.set) blas.set(before);
-  if (error) std::rethrow_exception(error);
-}
-
-constexpr int kMaxWorkers = 64;
 
 template <bool kMasked>
 void forward_impl(Views in, float* o, float* lse, Shapes s, float scale) {
@@ -384,11 +281,6 @@ Shapes shapes_of(const mx::array& q, const mx::array& k, const mx::array& v, boo
   return s;
 }
 
-mx::array alloc_like(mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  return out;
-}
-
 class CausalAttentionBackward : public mx::Primitive {
  public:
   CausalAttentionBackward(mx::Stream stream, float scale, bool masked)
@@ -404,10 +296,7 @@ class CausalAttentionBackward : public mx::Primitive {
     const auto& o = inputs[base];
     const auto& lse = inputs[base + 1];
     const auto& dout = inputs[base + 2];
-    for (auto& out : outputs) alloc_like(out);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& in : inputs) encoder.set_input_array(in);
-    for (auto& out : outputs) encoder.set_output_array(out);
+    auto& encoder = prepare(stream(), inputs, outputs);
     Views views{q.data<float>(), k.data<float>(), v.data<float>(),
                 mask ? mask->data<uint8_t>() : nullptr};
     const Shapes s = shapes_of(q, k, v, masked_, mask);
@@ -444,10 +333,7 @@ class CausalAttention : public mx::Primitive {
     const auto& k = inputs[1];
     const auto& v = inputs[2];
     const mx::array* mask = masked_ ? &inputs[3] : nullptr;
-    for (auto& out : outputs) alloc_like(out);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& in : inputs) encoder.set_input_array(in);
-    for (auto& out : outputs) encoder.set_output_array(out);
+    auto& encoder = prepare(stream(), inputs, outputs);
     Views views{q.data<float>(), k.data<float>(), v.data<float>(),
                 mask ? mask->data<uint8_t>() : nullptr};
     const Shapes s = shapes_of(q, k, v, masked_, mask);
@@ -499,21 +385,19 @@ class CausalAttention : public mx::Primitive {
   bool masked_;
 };
 
-void check(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument("causal_attention: " + what);
-}
-
 // o = softmax(q k^T * scale, causal [and mask]) v; see the top of this file.
+void check_args(bool ok, const std::string& what) { check(ok, "causal_attention: " + what); }
+
 mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                            float scale, std::optional<mx::array> mask) {
-  check(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4, "q, k and v must be 4-d");
-  check(q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32,
+  check_args(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4, "q, k and v must be 4-d");
+  check_args(q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32,
         "q, k and v must be float32");
-  check(k.shape(0) == q.shape(0) && v.shape(0) == q.shape(0), "batch sizes differ");
-  check(k.shape(2) == q.shape(2) && v.shape(2) == q.shape(2),
+  check_args(k.shape(0) == q.shape(0) && v.shape(0) == q.shape(0), "batch sizes differ");
+  check_args(k.shape(2) == q.shape(2) && v.shape(2) == q.shape(2),
         "queries and keys must have the same length");
-  check(k.shape(3) == q.shape(3), "q and k head dims differ");
-  check(v.shape(1) == k.shape(1) && q.shape(1) % k.shape(1) == 0,
+  check_args(k.shape(3) == q.shape(3), "q and k head dims differ");
+  check_args(v.shape(1) == k.shape(1) && q.shape(1) % k.shape(1) == 0,
         "query heads must be a multiple of the key / value heads");
   const auto stream = mx::default_stream(mx::Device::cpu);
   std::vector<mx::array> inputs = {mx::contiguous(q, false, stream),
@@ -521,7 +405,7 @@ mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::arr
                                    mx::contiguous(v, false, stream)};
   if (mask) {
     const int len = q.shape(2);
-    check(mask->dtype() == mx::bool_ && mask->ndim() == 4 && mask->shape(1) == 1 &&
+    check_args(mask->dtype() == mx::bool_ && mask->ndim() == 4 && mask->shape(1) == 1 &&
               (mask->shape(0) == 1 || mask->shape(0) == q.shape(0)) &&
               mask->shape(2) == len && mask->shape(3) == len,
           "mask must be bool [1 or B, 1, L, L]");
@@ -539,8 +423,11 @@ mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::arr
 
 }  // namespace
 
-NB_MODULE(_cpu_attention, m) {
-  m.doc() = "mlxtune's causal attention primitive for MLX's CPU backend";
+namespace mlxtune_native {
+
+void register_attention(nb::module_& m) {
   m.def("causal_attention", &causal_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("scale"), nb::arg("mask").none() = nb::none());
 }
+
+}  // namespace mlxtune_native

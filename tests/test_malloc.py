@@ -1,12 +1,13 @@
 """mlxtune._malloc: freed host buffers are reused instead of page-faulted in again."""
 
+import statistics
 import subprocess
 import sys
 
 import pytest
 
 # Buffers of 3-25 MB alive together, freed, allocated again: the pattern of a step's
-# activations. Prints the minor page faults of one repetition after the first.
+# activations. Prints the minor page faults of each repetition after the first.
 _PROGRAM = """
 import resource
 import mlxtune
@@ -21,10 +22,12 @@ def step():
         arrays.append(a)
 
 step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print(_malloc.state["tuned"], (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(_malloc.state["tuned"], *faults)
 """
 
 
@@ -37,7 +40,7 @@ def _run(env_value):
         env["MLXTUNE_MALLOC"] = env_value
     out = subprocess.run([sys.executable, "-c", _PROGRAM], env=env, check=True,
                          capture_output=True, text=True).stdout.split()
-    return out[0] == "True", float(out[1])
+    return out[0] == "True", [int(x) for x in out[1:]]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
@@ -45,8 +48,11 @@ def test_freed_buffers_are_reused_without_page_faults():
     tuned, faults = _run(None)
     default_tuned, default_faults = _run("0")
     assert tuned and not default_tuned
-    # 100 MB a repetition: ~25,000 pages if each buffer came fresh from the kernel; glibc's
-    # defaults fault 7,000-14,000 here. Tuned: 0 alone, a few hundred when the kernel
-    # reclaims memory under a busy machine; a tenth of the defaults is the bound.
-    assert default_faults > 5000, default_faults
-    assert faults < default_faults / 10, (faults, default_faults)
+    # 100 MB a repetition: ~25,000 pages if each buffer came fresh from the kernel. glibc's
+    # defaults fault 7,000-14,000 a repetition on average here (~17,600 in most, 0-2,000 in
+    # some). Tuned: 0 in every repetition on a quiet machine; on a busy CI machine the
+    # kernel reclaimed pages now and then (a mean of ~900), so the tuned side is read by its
+    # median repetition; a tenth of the defaults' mean is the bound.
+    mean_default = statistics.mean(default_faults)
+    assert mean_default > 5000, default_faults
+    assert statistics.median(faults) < mean_default / 10, (faults, default_faults)

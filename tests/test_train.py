@@ -214,25 +214,36 @@ def test_checkpointing_and_compile_do_not_change_results(workdir, capsys, option
         assert np.abs(runs["plain"][k] - runs["variant"][k]).max() < 3e-5, k
 
 
-def test_fastmath_loss_does_not_change_results(workdir, capsys, monkeypatch):
-    """The trainer's loss on the CPU (fastmath, its gradient computed in the forward pass)
-    against MLX's ops (MLXTUNE_FASTMATH=0): the same adapter after 3 steps."""
-    from mlxtune import forward
+def test_cpu_losses_do_not_change_results(workdir, capsys, monkeypatch):
+    """The trainer's loss on the CPU (fastmath's, its gradient computed in the forward pass,
+    and mlxtune.native's kernel where it is built) against MLX's ops (MLXTUNE_FASTMATH=0):
+    the same adapter after 3 steps."""
+    from mlxtune import forward, native
 
     used = []
     original = forward._fast_cross_entropy_with_gradient
     monkeypatch.setattr(forward, "_fast_cross_entropy_with_gradient",
-                        lambda *a: used.append(1) or original(*a))
+                        lambda *a: used.append("fastmath") or original(*a))
+    paths = {"mlx": ("0", "0"), "fastmath": ("1", "0")}
+    kernels = native.load()
+    if kernels is not None:
+        paths["native"] = ("1", "1")
+        original_native = kernels.cross_entropy
+        monkeypatch.setattr(kernels, "cross_entropy",
+                            lambda *a: used.append("native") or original_native(*a))
     runs = {}
-    for name, flag in {"mlx": "0", "fastmath": "1"}.items():
-        monkeypatch.setenv("MLXTUNE_FASTMATH", flag)
+    for name, (fast, native_flag) in paths.items():
+        used.clear()
+        monkeypatch.setenv("MLXTUNE_FASTMATH", fast)
+        monkeypatch.setenv("MLXTUNE_NATIVE", native_flag)
         config = _config_with(workdir, iters=3, eval_every=0)
         code, out = run_cli(["run", str(config), "--run-dir", str(workdir / name), "-q"], capsys)
         assert code == 0, out.err
         runs[name] = adapter_of(workdir / name / "adapters")
-        assert bool(used) == (flag == "1")
-    for k in runs["mlx"]:  # the bound of the test above
-        assert np.abs(runs["mlx"][k] - runs["fastmath"][k]).max() < 3e-5, k
+        assert set(used) == ({name} - {"mlx"}), (name, used)
+    for name in paths.keys() - {"mlx"}:
+        for k in runs["mlx"]:  # the bound of the test above
+            assert np.abs(runs["mlx"][k] - runs[name][k]).max() < 3e-5, (name, k)
 
 
 def test_packed_step_equals_unpacked_step(workdir, capsys):

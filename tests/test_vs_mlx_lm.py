@@ -1,7 +1,8 @@
 """mlxtune's LoRA training step against mlx-lm's own, the reference: the same base, initial
 adapter, batch and loss tokens must give the same loss and, after a few Adam steps, the same
-adapter. This covers what mlxtune replaces in the step (blockwise attention and the vectorised
-SwiGLU on the CPU, the chunked loss, summed-then-divided token losses); scripts/bench_vs_mlx_lm.py compares
+adapter. This covers what mlxtune replaces in the step (on the CPU its native attention and
+loss kernels, or the blockwise attention and fastmath loss, and the vectorised SwiGLU; the
+chunked loss; summed-then-divided token losses); scripts/bench_vs_mlx_lm.py compares
 the two trainers' speed and memory on real data."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.trainer import default_loss
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from mlxtune import adapters, attention, fastmath, objectives
+from mlxtune import adapters, attention, fastmath, forward, native, objectives
 from mlxtune.config import AdapterConfig, TrainConfig
 from mlxtune.train.optim import make_optimizer
 from tiny import build_model, model_args
@@ -47,8 +48,13 @@ def adapter_state(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
 
 
+# "native": mlxtune.native's attention and loss kernels (the CPU default where they are
+# built); "composed": the blockwise attention and fastmath loss built from MLX ops.
+@pytest.mark.parametrize("kernels", ["native", "composed"])
 @pytest.mark.parametrize("chunk", [0, 96], ids=["whole-head", "chunked-loss"])
-def test_lora_steps_equal_mlx_lm(chunk, monkeypatch):
+def test_lora_steps_equal_mlx_lm(chunk, kernels, monkeypatch):
+    if kernels == "native" and native._unavailable() is not None:
+        pytest.skip(f"native kernels: {native._unavailable()}")
     args = model_args("llama")
     tokens, spans = batch(args["vocab_size"], [200, 150, 131], [20, 90, 5])
     mask = mlx_lm_mask(tokens, spans)
@@ -81,6 +87,7 @@ def test_lora_steps_equal_mlx_lm(chunk, monkeypatch):
     adapters.apply_lora(model, AdapterConfig(rank=RANK, alpha=ALPHA))
     model.load_weights(list({k: mx.array(v) for k, v in initial.items()}.items()), strict=False)
     monkeypatch.undo()
+    monkeypatch.setenv("MLXTUNE_NATIVE", "1" if kernels == "native" else "0")
     assert attention.install(model) and fastmath.install(model)
     assert hasattr(module.scaled_dot_product_attention, "_mlxtune_original")
     assert hasattr(module.swiglu, "_mlxtune_original")
@@ -109,16 +116,27 @@ def test_lora_steps_equal_mlx_lm(chunk, monkeypatch):
         np.testing.assert_allclose(ours[k], theirs[k], atol=LR * 1e-2, rtol=0, err_msg=k)
 
 
-def test_blockwise_attention_was_on_the_path(monkeypatch):
-    """The comparison above is only worth something if mlxtune's step really ran the
-    blockwise attention (rows longer than a block): count its calls in one forward pass."""
+@pytest.mark.parametrize("kernels", ["native", "composed"])
+def test_mlxtunes_attention_and_loss_were_on_the_path(kernels, monkeypatch):
+    """The comparison above is only worth something if mlxtune's step really ran its own
+    attention (rows longer than a block) and loss: count their calls in one forward pass."""
+    if kernels == "native" and native._unavailable() is not None:
+        pytest.skip(f"native kernels: {native._unavailable()}")
+    monkeypatch.setenv("MLXTUNE_NATIVE", "1" if kernels == "native" else "0")
     args = model_args("llama")
     model = build_model(args, seed=1)
+    adapters.apply_lora(model, AdapterConfig(rank=RANK, alpha=ALPHA))  # a frozen head
     attention.install(model)
     calls = []
-    original = attention.blockwise_attention
-    monkeypatch.setattr(attention, "blockwise_attention",
-                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    watched = {"native": [(native.load(), "causal_attention"), (native.load(), "cross_entropy")],
+               "composed": [(attention, "blockwise_attention"),
+                            (forward, "_fast_cross_entropy")]}[kernels]
+    for owner, name in watched:
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _o=original, _n=name, **k: (
+            calls.append(_n) or _o(*a, **k)))
     tokens, spans = batch(args["vocab_size"], [200, 150, 131], [20, 90, 5])
-    mx.eval(objectives.sft(model, tokens, mlx_lm_mask(tokens, spans))[0])
-    assert len(calls) == args["num_hidden_layers"]
+    mx.eval(objectives.sft(model, tokens, mlx_lm_mask(tokens, spans), chunk=96)[0])
+    attention_name, loss_name = (name for _, name in watched)
+    assert calls.count(attention_name) == args["num_hidden_layers"]
+    assert calls.count(loss_name) == 1

@@ -177,10 +177,15 @@ print(json.dumps(out))
     return every, last
 
 
-def flops_per_example(model_dir: Path, data: Path) -> float:
+def flops_per_example(model_dir: Path, data: Path) -> tuple[float, float, float]:
     """Model FLOPs of a LoRA training step per example, averaged over the train set. Both
     tools step through the same examples (an epoch, BATCH a step), so FLOPs per step are
-    BATCH times this for both, whichever tokens each one puts the loss on."""
+    BATCH times this for both, whichever tokens each one puts the loss on. The output head
+    is counted at every position, as a plain forward pass computes it.
+
+    Also returned: the mean positions per example and the head's FLOPs per position
+    (forward and backward), for the stricter count that charges the head only at the
+    positions that bear loss (mlxtune's native loss skips the others)."""
     import mlxtune  # noqa: F401
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
@@ -200,14 +205,16 @@ def flops_per_example(model_dir: Path, data: Path) -> float:
     tokenizer = load_tokenizer(model_dir)
     records, fmt = D.read_records(data / "train.jsonl")
     enc = D.encode(records, tokenizer, SEQ, True, fmt)
-    total = 0.0
+    total, positions = 0.0, 0
     for e in enc.examples:
         n = len(e.tokens)
+        positions += n
         attention_fwd = layers * 4 * heads * hd * n * (n + 1) / 2
         fwd = n * per_token_fwd + attention_fwd
         # backward: activations of the frozen base (= forward), LoRA weight grads (2x its fwd)
         total += 2 * fwd + n * layers * 2 * 2 * lora
-    return total / len(enc.examples)
+    count = len(enc.examples)
+    return total / count, positions / count, 2 * 2 * vocab * d
 
 
 _MATMUL = """
@@ -270,7 +277,7 @@ def main() -> None:
         _, dense = save_base_folders(work)
         data = write_data(work, args.examples)
         peak_flops = matmul_flops()
-        per_example = flops_per_example(dense, data)
+        per_example, positions, head_flops = flops_per_example(dense, data)
         rows = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             if not args.skip_mlx_lm:
@@ -286,17 +293,23 @@ def main() -> None:
             r["held_out_loss"], r["held_out_loss_last_turn"] = held_out_loss(dense, data,
                                                                               adapter)
             r["mfu"] = BATCH * per_example / r["sec_per_step"] / peak_flops
+            # The head charged at this run's loss-bearing positions only.
+            unused = BATCH * positions - r["tokens_trained"] / args.steps
+            r["mfu_head_at_loss_positions"] = ((BATCH * per_example - unused * head_flops)
+                                               / r["sec_per_step"] / peak_flops)
 
     print(f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s; {BATCH * per_example / 1e9:.0f} "
           "model GFLOP per step (mean)")
     print(f"held-out loss of the base: {base_loss[0]:.4f} (every assistant turn), "
           f"{base_loss[1]:.4f} (last assistant message)")
     print(f"{'tool':<20} {'seed':>4} {'tok/s':>7} {'s/step':>7} {'peak GB':>8} {'tokens':>7} "
-          f"{'held-out':>9} {'(last)':>7} {'MFU':>6}")
+          f"{'held-out':>9} {'(last)':>7} {'MFU':>6} {'MFU*':>6}")
     for r in rows:
         print(f"{r['tool']:<20} {r['seed']:>4} {r['loss_tokens_per_sec']:>7.1f} "
               f"{r['sec_per_step']:>7.1f} {r['peak_memory_gb']:>8.2f} {r['tokens_trained']:>7} "
-              f"{r['held_out_loss']:>9.4f} {r['held_out_loss_last_turn']:>7.4f} {r['mfu']:>6.1%}")
+              f"{r['held_out_loss']:>9.4f} {r['held_out_loss_last_turn']:>7.4f} {r['mfu']:>6.1%} "
+              f"{r['mfu_head_at_loss_positions']:>6.1%}")
+    print("MFU*: the output head's FLOPs counted at the loss-bearing positions only")
     summary = summarize(rows)
     if args.seeds > 1:
         print("held-out loss over seeds, mean (sd) [min, max]: every assistant turn | last")

@@ -141,7 +141,7 @@ def main() -> None:
           f"{args.order}'s seed-{args.seed} batches, {args.steps} steps "
           f"({(time.perf_counter() - start) / args.steps:.1f} s/step)")
     print("train losses:", " ".join(f"{x:.4f}" for x in losses))
-    print(f"held-out loss (last assistant message): {held_out:.4f}")
+    print(f"held-out loss (last assistant message): {held_out:.5f}")
 
 
 if __name__ == "__main__":

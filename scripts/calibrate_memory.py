@@ -74,9 +74,10 @@ def worker(spec: dict) -> dict:
 
 def measure(spec: dict) -> dict:
     CACHE.mkdir(parents=True, exist_ok=True)
-    # MLX's own exp / SwiGLU, not mlxtune.fastmath's CPU forms: the planner predicts
-    # for Metal and CUDA, which run those (fastmath keeps less on the CPU; docs/memory.md).
-    env = {**os.environ, "MLXTUNE_FASTMATH": "0"}
+    # MLX's own exp / SwiGLU, not mlxtune.fastmath's CPU forms, and not mlxtune.native's
+    # kernels: the planner predicts for Metal and CUDA, which run MLX's ops (the CPU forms
+    # keep less; docs/memory.md). The stored fit was measured so.
+    env = {**os.environ, "MLXTUNE_FASTMATH": "0", "MLXTUNE_NATIVE": "0"}
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                           capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode != 0:

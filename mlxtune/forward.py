@@ -34,10 +34,11 @@ mlx_lm's model classes rather than by re-implementing an architecture:
   exponentials are computed a second time. Without the mark, the backward pass recomputes
   each chunk's logits and takes one exponential, exp(logits - log-sum-exp).
 
-- On the CPU backend with mlxtune.native's kernels built, a float32 head without a final
-  scaling runs as one primitive instead (`native_cross_entropy`): the same scheme in C++,
-  through one scratch buffer, at the positions the caller marks `active` (those that bear
-  loss) only; the others get loss 0 and cost nothing.
+- On the CPU backend with mlxtune.native's kernels built, a frozen float32 head without a
+  final scaling (`_native_head_weight`) runs as one primitive instead (the extension's
+  `cross_entropy`): the same scheme in C++, through one scratch buffer, at the positions
+  the caller marks `active` (those that bear loss) only; the others get loss 0 and cost
+  nothing.
 """
 
 from __future__ import annotations

@@ -27,3 +27,17 @@ def tiny_tokenizer(tiny_model_dir):
     from mlx_lm.utils import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def native_kernels():
+    """mlxtune.native's extension module; the test is skipped where it cannot be built
+    here. Where it can be, it must load: a silent fallback would hide a broken kernel."""
+    from mlxtune import native
+
+    reason = native._unavailable()
+    if reason:
+        pytest.skip(f"native kernels: {reason}")
+    module = native.load()
+    assert module is not None, native.state["reason"]
+    return module

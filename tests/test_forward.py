@@ -214,7 +214,14 @@ def test_the_trainer_computes_the_loss_gradient_in_the_forward_pass(monkeypatch)
         original = getattr(forward, name)
         monkeypatch.setattr(forward, name, lambda *a, _o=original, _n=name: (
             used.append(_n) or _o(*a)))
-    model = _model("llama")
+    _marked_then_plain_loss("llama", lambda: used == ["_fast_cross_entropy_with_gradient"])
+    assert used[-1] == "_fast_cross_entropy"
+
+
+def _marked_then_plain_loss(case: str, after_marked) -> None:
+    """The loss of a LoRA model as the trainer takes it (marked, differentiated), checking
+    after_marked() then, and as evaluation takes it (plain): the same value."""
+    model = _model(case)
     apply_lora(model, AdapterConfig(rank=4, alpha=8.0))
     tokens = mx.array([[3, 4, 5, 6, 7, 8]])
     targets = mx.array([[4, 5, 6, 7, 8, 9]])
@@ -223,42 +230,30 @@ def test_the_trainer_computes_the_loss_gradient_in_the_forward_pass(monkeypatch)
         return forward.chunked_token_losses(m, tokens, targets, chunk=4).sum()
 
     marked, _ = nn.value_and_grad(model, forward.for_gradient(loss))(model)
-    assert used == ["_fast_cross_entropy_with_gradient"]
+    assert after_marked(), case
     np.testing.assert_allclose(loss(model).item(), marked.item(), rtol=1e-6)
-    assert used[-1] == "_fast_cross_entropy"
 
 
-@pytest.mark.skipif(native._unavailable() is not None, reason="native kernels not buildable")
-def test_the_trainer_takes_the_native_loss_with_its_gradient(monkeypatch):
+def test_the_trainer_takes_the_native_loss_with_its_gradient(native_kernels, monkeypatch):
     """Where the native kernels are built, the CPU loss is theirs: with the gradient in
     the forward pass for the trainer's marked loss, without it for evaluation; a head
     with a soft cap (Gemma 2) keeps fastmath's."""
     monkeypatch.setenv("MLXTUNE_FASTMATH", "1")
     monkeypatch.delenv("MLXTUNE_NATIVE", raising=False)
-    kernels = native.load()
-    assert kernels is not None, native.state["reason"]
-    calls = []
-    original = kernels.cross_entropy
-    monkeypatch.setattr(kernels, "cross_entropy", lambda *a: calls.append(a[-1]) or original(*a))
-    for case, expected in (("llama", [True, False]), ("qwen3", [True, False]), ("gemma2", [])):
+    calls = []  # the with_grad argument of each call
+    original = native_kernels.cross_entropy
+    monkeypatch.setattr(native_kernels, "cross_entropy",
+                        lambda *a: calls.append(a[-1]) or original(*a))
+    for case, marked, plain in (("llama", [True], [False]), ("qwen3", [True], [False]),
+                                ("gemma2", [], [])):
         calls.clear()
-        model = _model(case)
-        apply_lora(model, AdapterConfig(rank=4, alpha=8.0))
-        tokens = mx.array([[3, 4, 5, 6, 7, 8]])
-        targets = mx.array([[4, 5, 6, 7, 8, 9]])
-
-        def loss(m):
-            return forward.chunked_token_losses(m, tokens, targets, chunk=4).sum()
-
-        marked, _ = nn.value_and_grad(model, forward.for_gradient(loss))(model)
-        np.testing.assert_allclose(loss(model).item(), marked.item(), rtol=1e-6)
-        assert calls == expected, case
+        _marked_then_plain_loss(case, lambda: calls == marked)
+        assert calls == marked + plain, case
 
 
-@pytest.mark.skipif(native._unavailable() is not None, reason="native kernels not buildable")
-def test_the_native_loss_never_holds_the_full_logits(monkeypatch):
+def test_the_native_loss_never_holds_the_full_logits(native_kernels, monkeypatch):
     monkeypatch.delenv("MLXTUNE_NATIVE", raising=False)
-    kernels = native.load()
+    kernels = native_kernels
     head = _HeadOnly(64, 8192)
     head.freeze()
     mx.random.seed(0)

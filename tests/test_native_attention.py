@@ -11,14 +11,6 @@ pytestmark = pytest.mark.skipif(native._unavailable() is not None,
                                 reason=f"native kernels: {native._unavailable()}")
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    module = native.load()
-    # Where it can be built it must work: a silent fallback would hide a broken kernel.
-    assert module is not None, native.state["reason"]
-    return module
-
-
 def _qkv(seed, b, h, hk, length, d, dv=None):
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((b, h, length, d)).astype(np.float32)
@@ -66,19 +58,19 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("mask_kind", ["causal", "packed", "packed, one plane"])
-def test_forward_equals_the_reference(kernel, case, mask_kind):
+def test_forward_equals_the_reference(native_kernels, case, mask_kind):
     b, h, hk, length, d, dv = CASES[case]
     q, k, v = _qkv(0, b, h, hk, length, d, dv)
     mask = None if mask_kind == "causal" else _segments_mask(b, length, 1)
     if mask is not None and mask_kind.endswith("one plane"):
         mask = mask[:1]
-    got = kernel.causal_attention(mx.array(q), mx.array(k), mx.array(v), 0.3, mask)
+    got = native_kernels.causal_attention(mx.array(q), mx.array(k), mx.array(v), 0.3, mask)
     want = _reference(q, k, v, 0.3, None if mask is None else np.array(mask))
     np.testing.assert_allclose(np.array(got), want, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("mask_kind", ["causal", "packed"])
-def test_gradients_equal_mlx_autodiff(kernel, mask_kind):
+def test_gradients_equal_mlx_autodiff(native_kernels, mask_kind):
     b, h, hk, length = 2, 6, 2, 260
     q, k, v = (mx.array(a) for a in _qkv(2, b, h, hk, length, 16))
     mask = "causal" if mask_kind == "causal" else _segments_mask(b, length, 3)
@@ -87,7 +79,7 @@ def test_gradients_equal_mlx_autodiff(kernel, mask_kind):
     def grads(fn):
         return mx.grad(lambda q, k, v: (fn(q, k, v) * w).sum(), argnums=(0, 1, 2))(q, k, v)
 
-    got = grads(lambda q, k, v: kernel.causal_attention(
+    got = grads(lambda q, k, v: native_kernels.causal_attention(
         q, k, v, 0.25, None if isinstance(mask, str) else mask))
     want = grads(lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25,
                                                                       mask=mask))
@@ -96,11 +88,11 @@ def test_gradients_equal_mlx_autodiff(kernel, mask_kind):
                                    atol=2e-5 * float(mx.abs(r).max()))
 
 
-def test_compiled_step_equals_eager(kernel):
+def test_compiled_step_equals_eager(native_kernels):
     q, k, v = (mx.array(a) for a in _qkv(5, 1, 4, 2, 150, 8))
 
     def loss(q, k, v):
-        return (kernel.causal_attention(q, k, v, 0.5, None) ** 2).sum()
+        return (native_kernels.causal_attention(q, k, v, 0.5, None) ** 2).sum()
 
     eager = mx.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
     compiled = mx.compile(mx.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
@@ -109,52 +101,52 @@ def test_compiled_step_equals_eager(kernel):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
 
 
-def test_a_query_that_sees_no_key_gets_zero_output_and_gradient(kernel):
+def test_a_query_that_sees_no_key_gets_zero_output_and_gradient(native_kernels):
     b, h, length = 1, 2, 140
     q, k, v = (mx.array(a) for a in _qkv(6, b, h, h, length, 8))
     keep = np.tril(np.ones((length, length), bool))
     keep[:5] = False  # the left padding of a batched prompt: queries 0-4 see nothing
     keep[:, :5] = False
     mask = mx.array(keep[None, None])
-    out = kernel.causal_attention(q, k, v, 1.0, mask)
+    out = native_kernels.causal_attention(q, k, v, 1.0, mask)
     assert np.isfinite(np.array(out)).all()
     np.testing.assert_array_equal(np.array(out[:, :, :5]), 0.0)
     np.testing.assert_allclose(np.array(out), _reference(np.array(q), np.array(k),
                                                          np.array(v), 1.0, keep),
                                rtol=2e-5, atol=2e-5)
-    dq = mx.grad(lambda q: kernel.causal_attention(q, k, v, 1.0, mask).sum())(q)
+    dq = mx.grad(lambda q: native_kernels.causal_attention(q, k, v, 1.0, mask).sum())(q)
     assert np.isfinite(np.array(dq)).all()
     np.testing.assert_array_equal(np.array(dq[:, :, :5]), 0.0)
 
 
-def test_strided_inputs_equal_contiguous_ones(kernel):
+def test_strided_inputs_equal_contiguous_ones(native_kernels):
     q, k, v = _qkv(7, 2, 4, 2, 130, 8)
     # [B, L, H, D] storage seen as [B, H, L, D], as mlx_lm's projections produce them
     qs, ks, vs = (mx.array(np.ascontiguousarray(a.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
                   for a in (q, k, v))
-    got = kernel.causal_attention(qs, ks, vs, 0.3, None)
-    want = kernel.causal_attention(mx.array(q), mx.array(k), mx.array(v), 0.3, None)
+    got = native_kernels.causal_attention(qs, ks, vs, 0.3, None)
+    want = native_kernels.causal_attention(mx.array(q), mx.array(k), mx.array(v), 0.3, None)
     np.testing.assert_array_equal(np.array(got), np.array(want))
 
 
-def test_bad_arguments_raise(kernel):
+def test_bad_arguments_raise(native_kernels):
     q = mx.zeros((1, 2, 8, 4))
     with pytest.raises(ValueError, match="float32"):
-        kernel.causal_attention(q.astype(mx.float16), q, q, 1.0, None)
+        native_kernels.causal_attention(q.astype(mx.float16), q, q, 1.0, None)
     with pytest.raises(ValueError, match="multiple"):
-        kernel.causal_attention(q, mx.zeros((1, 3, 8, 4)), mx.zeros((1, 3, 8, 4)), 1.0, None)
+        native_kernels.causal_attention(q, mx.zeros((1, 3, 8, 4)), mx.zeros((1, 3, 8, 4)), 1.0, None)
     with pytest.raises(ValueError, match="mask"):
-        kernel.causal_attention(q, q, q, 1.0, mx.ones((1, 2, 8, 8), mx.bool_))
+        native_kernels.causal_attention(q, q, q, 1.0, mx.ones((1, 2, 8, 8), mx.bool_))
 
 
-def test_the_blas_thread_count_is_restored(kernel):
+def test_the_blas_thread_count_is_restored(native_kernels):
     before = _blas.threads()
     q, k, v = (mx.array(a) for a in _qkv(8, 2, 4, 4, 140, 8))
-    mx.eval(mx.grad(lambda q: kernel.causal_attention(q, k, v, 1.0, None).sum())(q))
+    mx.eval(mx.grad(lambda q: native_kernels.causal_attention(q, k, v, 1.0, None).sum())(q))
     assert _blas.threads() == before
 
 
-def test_the_router_takes_the_kernel_only_where_it_applies(kernel):
+def test_the_router_takes_the_kernel_only_where_it_applies(native_kernels):
     q, k, v = (mx.array(a) for a in _qkv(9, 1, 2, 2, 140, 8))
     assert attention.native_attention(q, k, v, 1.0, "causal") is not None
     assert attention.native_attention(q, k, v, 1.0, mx.zeros((140, 140))) is None  # additive

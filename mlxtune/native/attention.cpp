@@ -385,20 +385,20 @@ class CausalAttention : public mx::Primitive {
   bool masked_;
 };
 
-// o = softmax(q k^T * scale, causal [and mask]) v; see the top of this file.
 void check_args(bool ok, const std::string& what) { check(ok, "causal_attention: " + what); }
 
+// o = softmax(q k^T * scale, causal [and mask]) v; see the top of this file.
 mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                            float scale, std::optional<mx::array> mask) {
   check_args(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4, "q, k and v must be 4-d");
   check_args(q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32,
-        "q, k and v must be float32");
+             "q, k and v must be float32");
   check_args(k.shape(0) == q.shape(0) && v.shape(0) == q.shape(0), "batch sizes differ");
   check_args(k.shape(2) == q.shape(2) && v.shape(2) == q.shape(2),
-        "queries and keys must have the same length");
+             "queries and keys must have the same length");
   check_args(k.shape(3) == q.shape(3), "q and k head dims differ");
   check_args(v.shape(1) == k.shape(1) && q.shape(1) % k.shape(1) == 0,
-        "query heads must be a multiple of the key / value heads");
+             "query heads must be a multiple of the key / value heads");
   const auto stream = mx::default_stream(mx::Device::cpu);
   std::vector<mx::array> inputs = {mx::contiguous(q, false, stream),
                                    mx::contiguous(k, false, stream),
@@ -406,9 +406,9 @@ mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::arr
   if (mask) {
     const int len = q.shape(2);
     check_args(mask->dtype() == mx::bool_ && mask->ndim() == 4 && mask->shape(1) == 1 &&
-              (mask->shape(0) == 1 || mask->shape(0) == q.shape(0)) &&
-              mask->shape(2) == len && mask->shape(3) == len,
-          "mask must be bool [1 or B, 1, L, L]");
+                   (mask->shape(0) == 1 || mask->shape(0) == q.shape(0)) &&
+                   mask->shape(2) == len && mask->shape(3) == len,
+               "mask must be bool [1 or B, 1, L, L]");
     inputs.push_back(mx::contiguous(*mask, false, stream));
   }
   auto lse_shape = q.shape();

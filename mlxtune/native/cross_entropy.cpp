@@ -84,7 +84,9 @@ void cross_entropy_impl(const float* h, const float* w, const int32_t* targets,
       rows.push_back(i);
     } else {
       loss[i] = 0.0f;
-      if (kGrad) std::fill(grad + static_cast<size_t>(i) * s.d, grad + static_cast<size_t>(i + 1) * s.d, 0.0f);
+      if (kGrad)
+        std::fill(grad + static_cast<size_t>(i) * s.d, grad + static_cast<size_t>(i + 1) * s.d,
+                  0.0f);
     }
   }
   if (rows.empty()) return;
@@ -97,9 +99,10 @@ void cross_entropy_impl(const float* h, const float* w, const int32_t* targets,
   const int total = static_cast<int>(rows.size());
   for (int a = 0; a < total; a += chunk) {
     const int c = std::min(chunk, total - a);
-    for (int r = 0; r < c; ++r)
+    for (int r = 0; r < c; ++r)  // the chunk's active rows, gathered
       std::copy(h + static_cast<size_t>(rows[a + r]) * s.d,
-                h + static_cast<size_t>(rows[a + r] + 1) * s.d, hc + static_cast<size_t>(r) * s.d);
+                h + static_cast<size_t>(rows[a + r] + 1) * s.d,
+                hc + static_cast<size_t>(r) * s.d);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c, s.vocab, s.d, 1.0f, hc, s.d, w,
                 s.d, 0.0f, logits, s.vocab);
     parallel_for(c, kMaxWorkers, [&](int, int r) {
@@ -195,9 +198,11 @@ mx::array cross_entropy(const mx::array& h, const mx::array& w, const mx::array&
   check_args(h.ndim() == 2 && w.ndim() == 2 && h.shape(1) == w.shape(1),
              "h must be [N, D] and w [V, D]");
   check_args(h.dtype() == mx::float32 && w.dtype() == mx::float32, "h and w must be float32");
-  check_args(targets.ndim() == 1 && targets.shape(0) == h.shape(0) && targets.dtype() == mx::int32,
+  check_args(targets.ndim() == 1 && targets.shape(0) == h.shape(0) &&
+                 targets.dtype() == mx::int32,
              "targets must be int32 [N]");
-  check_args(active.ndim() == 1 && active.shape(0) == h.shape(0) && active.dtype() == mx::bool_,
+  check_args(active.ndim() == 1 && active.shape(0) == h.shape(0) &&
+                 active.dtype() == mx::bool_,
              "active must be bool [N]");
   const auto stream = mx::default_stream(mx::Device::cpu);
   std::vector<mx::array> inputs = {

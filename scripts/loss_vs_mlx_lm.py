@@ -12,7 +12,11 @@ as the benchmark's; compare it with mlx-lm's own run of the same seed there.
 
 --order mlxtune keeps mlx-lm's initial adapter but takes mlxtune's own batches for the
 seed (length-bucketed, shuffled by mlxtune's generator; loss on the last assistant turn,
-mlx-lm's tokens): what the order of the batches alone does to the loss.
+mlx-lm's tokens): what mlxtune's batches alone do to the loss. They differ from mlx-lm's
+in what they are made of, not only in their order: mlx-lm sorts by
+CacheDataset.itemlen, the length of the raw JSON row (1 for every chat row), so its
+batches are runs of consecutive examples in file order, mixed in length
+(docs/performance.md).
 
     .venv/bin/python scripts/loss_vs_mlx_lm.py --examples 112 --steps 24 [--order mlxtune]
 """

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
@@ -281,25 +282,30 @@ Shapes shapes_of(const mx::array& q, const mx::array& k, const mx::array& v, boo
   return s;
 }
 
-class CausalAttentionBackward : public mx::Primitive {
+// The data pointers and shapes of inputs q, k, v [, mask] (both primitives start so).
+std::pair<Views, Shapes> views_of(const std::vector<mx::array>& inputs, bool masked) {
+  const auto& q = inputs[0];
+  const auto& k = inputs[1];
+  const auto& v = inputs[2];
+  const mx::array* mask = masked ? &inputs[3] : nullptr;
+  return {Views{q.data<float>(), k.data<float>(), v.data<float>(),
+                mask ? mask->data<uint8_t>() : nullptr},
+          shapes_of(q, k, v, masked, mask)};
+}
+
+class CausalAttentionBackward : public CpuPrimitive {
  public:
   CausalAttentionBackward(mx::Stream stream, float scale, bool masked)
-      : mx::Primitive(stream), scale_(scale), masked_(masked) {}
+      : CpuPrimitive(stream), scale_(scale), masked_(masked) {}
 
   // inputs: q, k, v, [mask], o, lse, dout; outputs: dq, dk, dv
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const int base = masked_ ? 4 : 3;
-    const auto& q = inputs[0];
-    const auto& k = inputs[1];
-    const auto& v = inputs[2];
-    const mx::array* mask = masked_ ? &inputs[3] : nullptr;
     const auto& o = inputs[base];
     const auto& lse = inputs[base + 1];
     const auto& dout = inputs[base + 2];
     auto& encoder = prepare(stream(), inputs, outputs);
-    Views views{q.data<float>(), k.data<float>(), v.data<float>(),
-                mask ? mask->data<uint8_t>() : nullptr};
-    const Shapes s = shapes_of(q, k, v, masked_, mask);
+    const auto [views, s] = views_of(inputs, masked_);
     encoder.dispatch([views, s, scale = scale_, masked = masked_, o = o.data<float>(),
                       lse = lse.data<float>(), dout = dout.data<float>(),
                       dq = outputs[0].data<float>(), dk = outputs[1].data<float>(),
@@ -311,10 +317,6 @@ class CausalAttentionBackward : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("mlxtune's causal attention kernel runs on the CPU only");
-  }
-
   const char* name() const override { return "MlxtuneCausalAttentionBackward"; }
 
  private:
@@ -322,21 +324,15 @@ class CausalAttentionBackward : public mx::Primitive {
   bool masked_;
 };
 
-class CausalAttention : public mx::Primitive {
+class CausalAttention : public CpuPrimitive {
  public:
   CausalAttention(mx::Stream stream, float scale, bool masked)
-      : mx::Primitive(stream), scale_(scale), masked_(masked) {}
+      : CpuPrimitive(stream), scale_(scale), masked_(masked) {}
 
   // inputs: q, k, v, [mask]; outputs: o, lse
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    const auto& q = inputs[0];
-    const auto& k = inputs[1];
-    const auto& v = inputs[2];
-    const mx::array* mask = masked_ ? &inputs[3] : nullptr;
     auto& encoder = prepare(stream(), inputs, outputs);
-    Views views{q.data<float>(), k.data<float>(), v.data<float>(),
-                mask ? mask->data<uint8_t>() : nullptr};
-    const Shapes s = shapes_of(q, k, v, masked_, mask);
+    const auto [views, s] = views_of(inputs, masked_);
     encoder.dispatch([views, s, scale = scale_, masked = masked_,
                       o = outputs[0].data<float>(), lse = outputs[1].data<float>()]() {
       if (masked)
@@ -344,10 +340,6 @@ class CausalAttention : public mx::Primitive {
       else
         forward_impl<false>(views, o, lse, s, scale);
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("mlxtune's causal attention kernel runs on the CPU only");
   }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals,

@@ -115,6 +115,16 @@ void parallel_for(int count, int workers_wanted, Task&& task) {
   if (error) std::rethrow_exception(error);
 }
 
+// A primitive with a CPU implementation only (Metal and CUDA have MLX's own kernels for
+// what these do): eval_gpu says so.
+class CpuPrimitive : public mx::Primitive {
+ public:
+  using mx::Primitive::Primitive;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU only (mlxtune.native)");
+  }
+};
+
 inline void alloc_output(mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
 }

@@ -118,10 +118,10 @@ void cross_entropy_impl(const float* h, const float* w, const int32_t* targets,
   }
 }
 
-class CrossEntropy : public mx::Primitive {
+class CrossEntropy : public CpuPrimitive {
  public:
   CrossEntropy(mx::Stream stream, bool with_grad)
-      : mx::Primitive(stream), with_grad_(with_grad) {}
+      : CpuPrimitive(stream), with_grad_(with_grad) {}
 
   // inputs: h, w, targets, active; outputs: loss [, grad]
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
@@ -136,10 +136,6 @@ class CrossEntropy : public mx::Primitive {
       else
         cross_entropy_impl<false>(h, w, targets, active, loss, grad, s);
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("mlxtune's cross-entropy kernel runs on the CPU only");
   }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals,

@@ -27,6 +27,8 @@ sequences) go to the original function. Architectures with their own attention c
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -127,6 +129,17 @@ def _routed(original):
                         sinks=sinks, **kwargs)
 
     return scaled_dot_product_attention
+
+
+def skips_other_examples(model: nn.Module, dtype: mx.Dtype) -> bool:
+    """Whether `model`'s attention, computing in `dtype` on this backend, costs a packed
+    row only its examples' own (query, key) pairs: mlxtune.native's kernel (CPU, float32,
+    the model's module routed by `install`) reads no key before the first one a block of
+    queries can see. Elsewhere a row of several examples pays attention across the row."""
+    if backend.name() != "cpu" or dtype != mx.float32 or native.load() is None:
+        return False
+    fn = getattr(sys.modules.get(type(model).__module__), "scaled_dot_product_attention", None)
+    return hasattr(fn, "_mlxtune_original")
 
 
 def install(model: nn.Module) -> bool:

@@ -84,8 +84,13 @@ class DataConfig:
     # LLaMA-Factory's mask_history and mlx-lm's --mask-prompt); false: every assistant turn.
     mask_history: bool = False
     # Several examples per row of max_seq_len tokens (no attention across them): true,
-    # false, or "auto" (pack when it costs fewer model FLOPs than length-bucketed batches).
+    # false, or "auto" (pack when it costs fewer model FLOPs than the unpacked batches).
     packing: Union[bool, str] = field(default="auto", metadata=_choices("auto", True, False))
+    # Batches of examples of similar length (little padding) instead of random examples.
+    # None: false for SFT (its loss is a mean over a batch's tokens, and length-grouped
+    # batches trained to a worse held-out loss: docs/performance.md), true for preference
+    # pairs (a pair's loss does not depend on its batch). Ignored when rows are packed.
+    group_by_length: Optional[bool] = None
 
 
 @dataclass

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxtune import adapters, backend, config, data, models, objectives
+from mlxtune import adapters, attention, backend, config, data, models, objectives
 from mlxtune.config import Config, EvalConfig, dump
-from mlxtune.data.batcher import decide_packing
+from mlxtune.data.batcher import training_batches
 from mlxtune.data.preference import encode_pairs
 from mlxtune.errors import ConfigError, DataError
 from mlxtune.train import checkpoint, distributed
@@ -169,11 +169,12 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
             progress.message("reference: the base (the adapter switched off)")
     adapter_config["base_model"] = cfg.model.path
     trainable, total = adapters.parameter_counts(model)
-    packed = fmt != "preference" and decide_packing(
-        cfg.data.packing, [len(e.tokens) for e in train_set.examples], cfg.data.max_seq_len,
-        cfg.train.batch_size, loaded.config, PAD_MULTIPLE)
+    batches = training_batches(
+        train_set.examples, fmt == "preference", cfg.data, cfg.train, _pad_id(loaded.tokenizer),
+        PAD_MULTIPLE, loaded.config,
+        attention.skips_other_examples(model, backend.compute_dtype(cfg.model.dtype)))
     world.agree(lambda: distributed.run_items(train_set.examples, valid_set.examples, loaded,
-                                              model, cfg.model.adapter, packed),
+                                              model, cfg.model.adapter, batches.layout),
                 cfg.source, last=True)
 
     progress.release()
@@ -191,13 +192,14 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                     train_examples=len(train_set.examples),
                     valid_examples=len(valid_set.examples),
                     truncated=train_set.n_truncated + valid_set.n_truncated,
-                    resumed_from=str(resume_from) if resume_from else None, packing=packed,
+                    resumed_from=str(resume_from) if resume_from else None,
+                    packing=batches.packed, batches=batches.layout,
                     ranks=world.size)
         progress.message(f"run: {run_dir}  ({trainable:,} trainable of {total:,} parameters, "
                          f"{info['backend']}, {info['blas']})")
         trainer = Trainer(model, adapter_config, cfg, train_set.examples, valid_set.examples,
                           run_dir, events, progress, pad_id=_pad_id(loaded.tokenizer),
-                          packed=packed, world=world)
+                          batches=batches, world=world)
         progress.message(trainer.batches.describe())
         if world.size > 1:
             progress.message(f"data parallel: {world.size} ranks, "

@@ -37,7 +37,8 @@ def worker(args) -> dict:
     from mlxtune import adapters, config, data, models
     from mlxtune.data.preference import encode_pairs
     from mlxtune.train.events import EventWriter
-    from mlxtune.train.loop import Trainer
+    from mlxtune.data.batcher import training_batches
+    from mlxtune.train.loop import PAD_MULTIPLE, Trainer
     from mlxtune.train.optim import make_optimizer
     from mlxtune.train.progress import Progress
 
@@ -48,6 +49,8 @@ def worker(args) -> dict:
     cfg.objective.type = "sft" if args.mode == "sft" else "dpo"
     cfg.objective.precompute_reference = args.mode == "dpo-precomputed"
     cfg.train.batch_size = args.pairs * (2 if args.mode == "sft" else 1)
+    # SFT's batch is the pairs' rows, one to a row, padded as DPO's are
+    cfg.data.packing, cfg.data.group_by_length = False, True
     splits, fmt = data.load_splits(cfg.data, cfg.train.seed)
     loaded = models.load(cfg.model)
     pairs = encode_pairs(splits["train"], loaded.tokenizer, cfg.data.max_seq_len).pairs
@@ -67,7 +70,9 @@ def worker(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, adapter_config, cfg, train_set, [], Path(tmp),
                           EventWriter(Path(tmp), enabled=False), Progress(quiet=True),
-                          pad_id=pad_id, packed=False)
+                          pad_id=pad_id, batches=training_batches(
+                              train_set, args.mode != "sft", cfg.data, cfg.train, pad_id,
+                              PAD_MULTIPLE, loaded.config, skips_other_examples=False))
         optimizer = make_optimizer(cfg.train, 100)
         optimizer.init(model.trainable_parameters())
         model.train()

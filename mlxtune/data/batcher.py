@@ -1,8 +1,24 @@
-"""The training batches of a run: length-bucketed rows, or packed rows.
+"""The training batches of a run: which examples share a step, and how they become rows.
+
+Three layouts (`Batcher.layout`):
+
+- "random" (the default for SFT): each batch is `batch_size` examples drawn at random, so
+  every step mixes short and long ones as the data does. Its examples become rows of at
+  most `mix_row_len` tokens, several to a row with no attention across them, or one to a
+  row padded to the longest, whichever `RowCost` says is cheaper for that batch.
+- "by_length" (data.group_by_length: true): examples of similar length share a batch, one
+  to a row, padded to the longest (little padding, every batch length-uniform).
+- "packed" (data.packing): rows of `row_len` tokens filled with as many examples as fit,
+  `batch_size` rows a step (fewer steps an epoch).
+
+Why random is the default: the SFT loss is a mean over a batch's loss-bearing tokens, so a
+length-grouped batch of short examples moves the adapter as far as one of long examples
+with many times their tokens; on docs/performance.md's benchmark that trained to a worse
+held-out loss than mlx-lm's mixed batches, every seed.
 
 One object answers the trainer's three questions: which batches an epoch has (in order),
-how a batch becomes arrays, and how many batches an epoch holds. Both layouts are pure
-functions of (example lengths, batch size, seed, epoch), which is what lets a resumed run
+how a batch becomes arrays, and how many batches an epoch holds. Every layout is a pure
+function of (example lengths, batch size, seed, epoch), which is what lets a resumed run
 continue at the same batch.
 """
 
@@ -10,17 +26,32 @@ from __future__ import annotations
 
 from mlxtune.data.batches import batch_order, collate
 from mlxtune.data.encode import Example
-from mlxtune.data.packing import collate_packed, packed_batch_order, packing_pays
+from mlxtune.data.packing import (RowCost, collate_packed, first_fit_decreasing,
+                                  packed_batch_order)
+
+LAYOUTS = ("random", "by_length", "packed")
+# Widest row a random batch's examples share when attention skips the other examples' keys:
+# the row's [L x L] bool mask is built every step and read by every layer (16 MB here).
+MIX_ROW_CAP = 4096
 
 
 class Batcher:
     def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int,
-                 pad_multiple: int, packed: bool = False, row_len: int = 0):
+                 pad_multiple: int, layout: str = "by_length", row_len: int = 0,
+                 mix_row_len: int = 0, cost: RowCost | None = None):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.pad_id, self.pad_multiple = pad_id, pad_multiple
-        self.packed, self.row_len = packed, row_len
+        self.layout, self.row_len = layout, row_len
+        self.mix_row_len = mix_row_len or row_len
+        self.cost = cost or RowCost(1.0, 0.0)
         self.lengths = [len(e.tokens) for e in examples]
         self._orders: dict[int, list] = {}
+
+    @property
+    def packed(self) -> bool:
+        return self.layout == "packed"
 
     def order(self, epoch: int) -> list:
         """The epoch's batches: lists of example indices (packed: lists of rows of them)."""
@@ -29,37 +60,106 @@ class Batcher:
                 order = packed_batch_order(self.lengths, self.row_len, self.batch_size,
                                            self.seed, epoch)
             else:
-                order = batch_order(self.lengths, self.batch_size, self.seed, epoch)
+                order = batch_order(self.lengths, self.batch_size, self.seed, epoch,
+                                    by_length=self.layout == "by_length")
             self._orders = {epoch: order}  # keep one epoch: orders can be large
         return self._orders[epoch]
 
-    def arrays(self, batch) -> tuple:
-        """(tokens, mask) for bucketed batches; (tokens, mask, segments) for packed ones."""
+    def rows(self, batch) -> tuple[list[list[int]], bool]:
+        """The rows a batch's examples take, and whether they carry segment ids (several
+        examples to a row). The trainer's ranks each lay out their own share of a batch."""
         if self.packed:
-            rows = [[self.examples[i] for i in row] for row in batch]
-            return collate_packed(rows, self.pad_id, self.pad_multiple)
-        return collate([self.examples[i] for i in batch], self.pad_id, self.pad_multiple)
+            return batch, True
+        alone = [[i] for i in batch]
+        if self.layout == "by_length" or len(batch) == 1:
+            return alone, False
+        mixed = first_fit_decreasing(batch, self.lengths, max(self.mix_row_len,
+                                                              max(self.lengths[i] for i in batch)))
+        if len(mixed) == len(batch):  # one example a row either way
+            return alone, False
+        if (self.cost.of(mixed, self.lengths, self.pad_multiple, segmented=True)
+                < self.cost.of(alone, self.lengths, self.pad_multiple, segmented=False)):
+            return mixed, True
+        return alone, False
+
+    def arrays(self, batch) -> tuple:
+        """(tokens, mask) for one example a row; (tokens, mask, segments) for rows of
+        several."""
+        rows, segmented = self.rows(batch)
+        if segmented:
+            return collate_packed([[self.examples[i] for i in row] for row in rows],
+                                  self.pad_id, self.pad_multiple)
+        return collate([self.examples[row[0]] for row in rows], self.pad_id, self.pad_multiple)
 
     def batches_per_epoch(self) -> int:
         return len(self.order(0))
 
+    def epoch_cost(self) -> float:
+        """Model FLOPs of epoch 0's batches, as laid out (by `cost`)."""
+        total = 0.0
+        for batch in self.order(0):
+            rows, segmented = self.rows(batch)
+            total += self.cost.of(rows, self.lengths, self.pad_multiple, segmented)
+        return total
+
     def describe(self) -> str:
         n = self.batches_per_epoch()
-        if not self.packed:
-            return f"batches: {n} per epoch of {self.batch_size} length-bucketed examples"
+        if self.layout == "by_length":
+            return f"batches: {n} per epoch of {self.batch_size} length-grouped examples"
+        if self.layout == "random":
+            return (f"batches: {n} per epoch of {self.batch_size} random examples, in rows "
+                    f"of up to {self.mix_row_len} tokens where that saves padding")
         rows = sum(len(b) for b in self.order(0))
         return (f"batches: {n} per epoch of {self.batch_size} packed rows of up to "
                 f"{self.row_len} tokens ({len(self.examples) / max(rows, 1):.1f} examples a row)")
 
 
-def decide_packing(setting, lengths: list[int], row_len: int, batch_size: int,
-                   model_config: dict, pad_multiple: int) -> bool:
-    """data.packing: true / false as given; "auto": pack when it costs fewer model FLOPs
-    per epoch than length-bucketed batches (mlxtune.data.packing.packing_pays)."""
+def decide_packing(setting, unpacked: Batcher) -> bool:
+    """data.packing: true / false as given; "auto": pack when an epoch of packed rows
+    costs at least 5% fewer model FLOPs than the unpacked layout's epoch (by its RowCost).
+    Packing only for a clear gain: one example a row is the unpacked layout plus masking."""
     if setting is True or setting is False:
         return setting
-    flops, attention = layer_flops(model_config)
-    return packing_pays(lengths, row_len, batch_size, flops, attention, pad_multiple)
+    packed = Batcher(unpacked.examples, unpacked.batch_size, unpacked.seed, unpacked.pad_id,
+                     unpacked.pad_multiple, "packed", unpacked.row_len, cost=unpacked.cost)
+    return packed.epoch_cost() < 0.95 * unpacked.epoch_cost()
+
+
+def training_batches(examples: list, pairs: bool, data_cfg, train_cfg, pad_id: int,
+                     pad_multiple: int, model_config: dict, skips_other_examples: bool):
+    """The training batches of a run as configured (data.group_by_length, data.packing,
+    train.batch_size and seed): a Batcher, or for preference pairs a PairBatcher.
+    skips_other_examples: the model's attention on this backend costs a packed row its
+    examples' own (query, key) pairs (mlxtune.attention.skips_other_examples)."""
+    grouped = data_cfg.group_by_length
+    if pairs:  # a pair's loss is its own, whatever its batch: length-grouped by default
+        from mlxtune.data.preference import PairBatcher
+
+        return PairBatcher(examples, train_cfg.batch_size, train_cfg.seed, pad_id,
+                           pad_multiple, by_length=grouped is not False)
+    cost = RowCost(*layer_flops(model_config), skips_other_examples)
+    unpacked = Batcher(examples, train_cfg.batch_size, train_cfg.seed, pad_id, pad_multiple,
+                       "by_length" if grouped else "random", data_cfg.max_seq_len,
+                       mix_row_length(data_cfg.max_seq_len, train_cfg, skips_other_examples),
+                       cost)
+    if not decide_packing(data_cfg.packing, unpacked):
+        return unpacked
+    return Batcher(examples, train_cfg.batch_size, train_cfg.seed, pad_id, pad_multiple,
+                   "packed", data_cfg.max_seq_len, cost=cost)
+
+
+def mix_row_length(max_seq_len: int, train_cfg, skips_other_examples: bool) -> int:
+    """The widest row a random batch's examples share. max_seq_len, unless the attention
+    skips the other examples' keys: then a whole batch can be one row (up to MIX_ROW_CAP
+    tokens) without paying attention across it, as long as the row still fits a
+    micro-batch (train.max_batch_tokens) and the step is not split over CPU streams by
+    rows (train.cpu_streams)."""
+    if not skips_other_examples or train_cfg.cpu_streams > 1:
+        return max_seq_len
+    wide = min(train_cfg.batch_size * max_seq_len, MIX_ROW_CAP)
+    if train_cfg.max_batch_tokens:
+        wide = min(wide, train_cfg.max_batch_tokens)
+    return max(max_seq_len, wide)
 
 
 def layer_flops(config: dict) -> tuple[float, float]:

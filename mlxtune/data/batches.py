@@ -1,8 +1,10 @@
-"""Examples -> batches: length-bucketed order and padding.
+"""Examples -> batches: which examples share a batch, and padding.
 
-Batches are cut from examples sorted by length, so a batch pads little; the order of the
-batches is shuffled per epoch. Everything is a function of (lengths, seed, epoch), which is
-what lets a resumed run pick up at the same batch.
+Two orders. Length-grouped: batches cut from examples sorted by length, so a batch pads
+little, the order of the batches shuffled per epoch. Random: batches cut from the examples
+shuffled per epoch, so every batch mixes short and long examples (data.batcher lays such a
+batch out in rows without padding where the model allows). Everything is a function of
+(lengths, seed, epoch), which is what lets a resumed run pick up at the same batch.
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ import numpy as np
 from mlxtune.data.encode import Example
 
 
-def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Indices into `lengths`, in batches of `batch_size` (the last may be short)."""
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                by_length: bool = True) -> list[list[int]]:
+    """Indices into `lengths`, in batches of `batch_size` (the last may be short):
+    length-grouped batches in shuffled order, or (by_length false) shuffled examples."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    by_length = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
     # numpy wants non-negative seed words; map negative seeds without colliding.
-    rng = np.random.default_rng([int(seed) % 2**64, int(epoch)])
+    seed_word = int(seed) % 2**64
+    if not by_length:
+        rng = np.random.default_rng([seed_word, int(epoch), 3])
+        shuffled = [int(i) for i in rng.permutation(len(lengths))]
+        return [shuffled[i:i + batch_size] for i in range(0, len(shuffled), batch_size)]
+    ordered = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    rng = np.random.default_rng([seed_word, int(epoch)])
     return [batches[i] for i in rng.permutation(len(batches))]
 
 

@@ -7,12 +7,15 @@ one's start. Rows are filled first-fit-decreasing within shuffled windows, so th
 still random from epoch to epoch while rows stay full; everything is a function of
 (lengths, row length, batch size, seed, epoch), so a resumed run finds the same batches.
 
-Whether packing pays is decided per dataset and model (`packing_pays`): packing removes
-padding and gives the compiled step one shape, but attention inside a packed row costs
-row_len^2, not the sum of each example's length^2.
+Whether packing pays is decided per dataset and model (data.batcher.decide_packing, by
+`RowCost`): packing removes padding and gives the compiled step one shape, but attention
+inside a packed row costs row_len^2, not the sum of each example's length^2, unless the
+attention kernel skips the other examples' keys.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -24,25 +27,32 @@ WINDOW = 512  # examples sorted together when filling rows; keeps epochs shuffle
 
 def pack_rows(lengths: list[int], row_len: int, seed: int, epoch: int) -> list[list[int]]:
     """Example indices grouped into rows of at most row_len tokens."""
-    too_long = [n for n in lengths if n > row_len]
-    if too_long:
-        raise ValueError(f"an example of {max(too_long)} tokens does not fit a row of {row_len}")
     rng = np.random.default_rng([int(seed) % 2**64, int(epoch), 1])
     order = [int(i) for i in rng.permutation(len(lengths))]
     rows: list[list[int]] = []
     for w in range(0, len(order), WINDOW):
-        window = sorted(order[w:w + WINDOW], key=lambda i: -lengths[i])
-        free: list[int] = []
-        start = len(rows)
-        for i in window:
-            for r, space in enumerate(free):
-                if lengths[i] <= space:
-                    rows[start + r].append(i)
-                    free[r] -= lengths[i]
-                    break
-            else:
-                rows.append([i])
-                free.append(row_len - lengths[i])
+        rows += first_fit_decreasing(order[w:w + WINDOW], lengths, row_len)
+    return rows
+
+
+def first_fit_decreasing(indices: list[int], lengths: list[int],
+                         row_len: int) -> list[list[int]]:
+    """`indices` grouped into rows of at most row_len tokens: longest first, each into the
+    first row with room for it."""
+    too_long = [lengths[i] for i in indices if lengths[i] > row_len]
+    if too_long:
+        raise ValueError(f"an example of {max(too_long)} tokens does not fit a row of {row_len}")
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        for r, space in enumerate(free):
+            if lengths[i] <= space:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_len - lengths[i])
     return rows
 
 
@@ -78,30 +88,33 @@ def collate_packed(rows: list[list[Example]], pad_id: int,
     return mx.array(tokens), mx.array(mask), mx.array(segments)
 
 
-def row_cost(width: int, flops_per_token: float, attention_flops_per_pair: float) -> float:
-    """Model FLOPs of one row of `width` positions: every position pays the linear layers;
-    attention pays for every causal (query, key) pair of the row, since the attention
-    kernel computes them all whether the mask then drops them or not."""
-    return width * flops_per_token + width * width / 2 * attention_flops_per_pair
+@dataclass(frozen=True)
+class RowCost:
+    """Model FLOPs of a batch's rows, for choosing between layouts of the same examples.
 
+    Every position pays the linear layers (`per_token`). Attention pays per causal
+    (query, key) pair it computes (`per_pair`): the whole row's pairs, since a kernel
+    computes them all whether the mask then drops them or not, except where
+    `skips_other_examples` (mlxtune.native's CPU kernel: a block of queries reads no key
+    before the first one it can see), where a packed row costs its examples' own pairs.
+    """
 
-def packing_pays(lengths: list[int], row_len: int, batch_size: int,
-                 flops_per_token: float, attention_flops_per_pair: float,
-                 pad_multiple: int = 8) -> bool:
-    """True when an epoch of packed rows costs at least 5% less than an epoch of
-    length-bucketed batches (as data.batches cuts them), by the model's own FLOP counts."""
-    from mlxtune.data.batches import batch_order
+    per_token: float
+    per_pair: float
+    skips_other_examples: bool = False
 
-    def rounded(n):
-        return -(-n // pad_multiple) * pad_multiple
-
-    bucketed = 0.0
-    for idx in batch_order(lengths, batch_size, seed=0, epoch=0):
-        width = rounded(max(lengths[i] for i in idx))
-        bucketed += len(idx) * row_cost(width, flops_per_token, attention_flops_per_pair)
-    packed = 0.0
-    for batch in packed_batch_order(lengths, row_len, batch_size, seed=0, epoch=0):
-        width = rounded(max(sum(lengths[i] for i in row) for row in batch))
-        packed += len(batch) * row_cost(width, flops_per_token, attention_flops_per_pair)
-    # Pack only for a clear gain: one example per row is bucketing with extra masking.
-    return packed < 0.95 * bucketed
+    def of(self, rows: list[list[int]], lengths: list[int], pad_multiple: int,
+           segmented: bool) -> float:
+        """FLOPs of `rows` (lists of example indices) padded to the widest, rounded up to
+        pad_multiple; `segmented`: rows carry segment ids (a packed layout)."""
+        longest = max(sum(lengths[i] for i in row) for row in rows)
+        width = -(-longest // pad_multiple) * pad_multiple
+        pairs = 0.0
+        for row in rows:
+            if segmented and self.skips_other_examples:
+                # each example's own pairs, and the padding's among itself
+                tail = width - sum(lengths[i] for i in row)
+                pairs += sum(lengths[i] ** 2 for i in row) / 2 + tail * tail / 2
+            else:
+                pairs += width * width / 2
+        return len(rows) * width * self.per_token + pairs * self.per_pair

@@ -133,21 +133,27 @@ def collate_pairs(pairs: list[Pair], pad_id: int,
 
 
 class PairBatcher:
-    """The trainer's batches of pairs: length-bucketed by a pair's wider row, in a shuffled
-    order that is a function of (lengths, batch size, seed, epoch), as data.batcher's."""
+    """The trainer's batches of pairs: length-grouped by a pair's wider row (or, by_length
+    false, random pairs), in a shuffled order that is a function of (lengths, batch size,
+    seed, epoch), as data.batcher's."""
 
     packed = False
 
     def __init__(self, pairs: list[Pair], batch_size: int, seed: int, pad_id: int,
-                 pad_multiple: int):
+                 pad_multiple: int, by_length: bool = True):
         self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
-        self.pad_id, self.pad_multiple = pad_id, pad_multiple
+        self.pad_id, self.pad_multiple, self.by_length = pad_id, pad_multiple, by_length
         self.lengths = [len(p) for p in pairs]
         self._orders: dict[int, list] = {}
 
+    @property
+    def layout(self) -> str:  # as data.batcher.Batcher's
+        return "by_length" if self.by_length else "random"
+
     def order(self, epoch: int) -> list[list[int]]:
         if epoch not in self._orders:
-            self._orders = {epoch: batch_order(self.lengths, self.batch_size, self.seed, epoch)}
+            self._orders = {epoch: batch_order(self.lengths, self.batch_size, self.seed, epoch,
+                                               self.by_length)}
         return self._orders[epoch]
 
     def arrays(self, batch: list[int]) -> tuple[mx.array, mx.array]:
@@ -157,5 +163,6 @@ class PairBatcher:
         return len(self.order(0))
 
     def describe(self) -> str:
+        kind = "length-grouped" if self.by_length else "random"
         return (f"batches: {self.batches_per_epoch()} per epoch of {self.batch_size} "
-                f"length-bucketed pairs ({2 * self.batch_size} rows)")
+                f"{kind} pairs ({2 * self.batch_size} rows)")

@@ -212,7 +212,10 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
     if micro < rows:
         notes.append(f"train.max_batch_tokens={t.max_batch_tokens}: micro-batches of {micro} "
                      f"of the {rows} rows, gradients summed")
-    if cfg.data.packing == "auto" and not preference:
+    # Rows of several examples carry a block-diagonal mask: packed rows, and random batches
+    # laid out several examples to a row (data.batcher); length-grouped rows do not.
+    segmented = not preference and (cfg.data.packing is True or not cfg.data.group_by_length)
+    if cfg.data.packing == "auto" and not preference and cfg.data.group_by_length:
         notes.append("data.packing is auto: decided from the data at run time; planned "
                      "without the packing mask (rows are full either way)")
     return Workload(
@@ -222,7 +225,7 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
         lora_modules=tuple(resolve_targets(shape, targets)),
         reference_adapter=start is not None and cfg.objective.type == "dpo",
         adapted_layers=adapted, grad_checkpoint=t.grad_checkpoint, loss_chunk=t.loss_chunk,
-        objective=cfg.objective.type, packed=cfg.data.packing is True and not preference,
+        objective=cfg.objective.type, packed=segmented,
         optimizer_states=states, attention=attention, full_finetune=full_finetune,
         # Gradients are summed over micro-batches (accumulation, max_batch_tokens splits)
         # and over ranks: a second copy of them is alive.

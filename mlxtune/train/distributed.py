@@ -299,13 +299,13 @@ def check_resume(checkpoint_dir: Path, w: World) -> None:
                           f"with {how}")
 
 
-def run_items(train_set: list, valid_set: list, loaded, model, adapter_from, packed) -> dict:
+def run_items(train_set: list, valid_set: list, loaded, model, adapter_from, layout) -> dict:
     """What the ranks must agree on before training: the encoded data (tokens and loss
     masks, so tokenizers and files alike are compared), the model's architecture and
-    weight layout, the starting adapter's weights, the packing decision."""
+    weight layout, the starting adapter's weights, the batch layout (packing as decided)."""
     items = {"data.train (tokens and loss masks)": _digest_examples(train_set),
              "data.valid (tokens and loss masks)": _digest_examples(valid_set),
-             "data.packing (as decided)": str(bool(packed)).encode()}
+             "data batches (as decided)": str(layout).encode()}
     h = hashlib.sha256(json.dumps(loaded.config, sort_keys=True, default=str).encode())
     for k, v in tree_flatten(model.parameters()):
         h.update(f"{k}:{v.shape}:{v.dtype}|".encode())

@@ -31,8 +31,7 @@ from mlx.utils import tree_map
 
 from mlxtune import backend, data, forward, objectives
 from mlxtune.config import Config
-from mlxtune.data.batcher import Batcher
-from mlxtune.data.preference import PairBatcher, collate_pairs
+from mlxtune.data.preference import collate_pairs
 from mlxtune.objectives.reference import Reference
 from mlxtune.errors import TrainingStopped
 from mlxtune.train import checkpoint, streams
@@ -135,8 +134,7 @@ def _in_parts(batch: tuple, per: int, pairs: bool) -> list[tuple]:
 class Trainer:
     def __init__(self, model: nn.Module, adapter_config: dict, cfg: Config,
                  train_set: list, valid_set: list, run_dir: Path, events: EventWriter,
-                 progress: Progress, pad_id: int, packed: bool = False,
-                 world: World | None = None):
+                 progress: Progress, pad_id: int, batches, world: World | None = None):
         self.model, self.adapter_config, self.cfg = model, adapter_config, cfg
         self.world = world or World()
         self.train_set, self.valid_set = train_set, valid_set
@@ -145,12 +143,8 @@ class Trainer:
         self.loss_fn = objectives.build(cfg)
         # Preference objectives train on pairs (train_set / valid_set hold data.preference.Pair).
         self.preference = cfg.objective.type in objectives.PREFERENCE
-        if self.preference:
-            self.batches = PairBatcher(train_set, cfg.train.batch_size, cfg.train.seed, pad_id,
-                                       PAD_MULTIPLE)
-        else:
-            self.batches = Batcher(train_set, cfg.train.batch_size, cfg.train.seed, pad_id,
-                                   PAD_MULTIPLE, packed=packed, row_len=cfg.data.max_seq_len)
+        # data.batcher.training_batches: a Batcher (examples) or PairBatcher (pairs)
+        self.batches = batches
         self.reference = None
         if cfg.objective.type in objectives.WITH_REFERENCE:
             self.reference = Reference(model, pad_id, PAD_MULTIPLE, cfg.train.loss_chunk,

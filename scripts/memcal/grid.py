@@ -229,7 +229,10 @@ def config_for(spec: dict, work: Path) -> Path:
     write_data(data, spec.get("data", "chat"), spec["seq"], n=max(24, 6 * spec["batch"]))
     raw = {"name": spec["name"], "model": {"path": model_path(spec["model"])},
            "adapter": {"rank": 8, "alpha": 16},
-           "data": {"train": str(data), "max_seq_len": spec["seq"], "packing": False},
+           # Every record fills a row, so a batch is one example a row however it is drawn;
+           # length-grouped batches are planned without the packing mask, as they run.
+           "data": {"train": str(data), "max_seq_len": spec["seq"], "packing": False,
+                    "group_by_length": True},
            # One stream (the default, and how a step runs on Metal / CUDA); several CPU
            # streams change the peak (docs/memory.md).
            "train": {"iters": spec.get("steps", 3), "batch_size": spec["batch"],

@@ -11,14 +11,15 @@ for the same steps with Adam. The held-out loss of the result is measured by the
 as the benchmark's; compare it with mlx-lm's own run of the same seed there.
 
 --order mlxtune keeps mlx-lm's initial adapter but takes mlxtune's own batches for the
-seed (length-bucketed, shuffled by mlxtune's generator; loss on the last assistant turn,
-mlx-lm's tokens): what mlxtune's batches alone do to the loss. They differ from mlx-lm's
-in what they are made of, not only in their order: mlx-lm sorts by
-CacheDataset.itemlen, the length of the raw JSON row (1 for every chat row), so its
-batches are runs of consecutive examples in file order, mixed in length
+seed (random examples, laid out in rows as a run here lays them out; loss on the last
+assistant turn, mlx-lm's tokens): what mlxtune's batches alone do to the loss;
+--order mlxtune-grouped its length-grouped batches (data.group_by_length: true). mlx-lm
+sorts by CacheDataset.itemlen, the length of the raw JSON row (1 for every chat row), so
+its batches are runs of consecutive examples in file order, mixed in length
 (docs/performance.md).
 
-    .venv/bin/python scripts/loss_vs_mlx_lm.py --examples 112 --steps 24 [--order mlxtune]
+    .venv/bin/python scripts/loss_vs_mlx_lm.py --examples 112 --steps 24 \
+        [--order mlxtune | --order mlxtune-grouped]
 """
 
 from __future__ import annotations
@@ -71,18 +72,26 @@ def mlx_lm_start(model_dir: Path, data: Path, seed: int, steps: int):
     return initial, out
 
 
-def mlxtune_batches(model_dir: Path, data: Path, seed: int, steps: int):
-    """mlxtune's own first `steps` batches for `seed` (mask_history: mlx-lm's tokens)."""
-    from mlxtune import data as D, models
-    from mlxtune.config import ModelConfig
-    from mlxtune.data.batcher import Batcher
+def mlxtune_batches(model_dir: Path, data: Path, seed: int, steps: int, grouped: bool):
+    """mlxtune's own first `steps` batches for `seed` (mask_history: mlx-lm's tokens), laid
+    out as a run on this machine lays them out (data.batcher.training_batches)."""
+    import mlx.core as mx
+
+    from mlxtune import attention, config, data as D, models
+    from mlxtune.data.batcher import training_batches
     from mlxtune.run import _pad_id
     from mlxtune.train.loop import PAD_MULTIPLE
 
-    tokenizer = models.load(ModelConfig(path=str(model_dir))).tokenizer
+    cfg = config.from_dict({"model": {"path": str(model_dir)},
+                            "data": {"train": str(data / "train.jsonl"), "max_seq_len": bench.SEQ,
+                                     "packing": False, "group_by_length": grouped},
+                            "train": {"batch_size": bench.BATCH, "seed": seed}})
+    loaded = models.load(cfg.model)
     records, fmt = D.read_records(data / "train.jsonl")
-    examples = D.encode(records, tokenizer, bench.SEQ, True, fmt, True).examples
-    batcher = Batcher(examples, bench.BATCH, seed, _pad_id(tokenizer), PAD_MULTIPLE)
+    examples = D.encode(records, loaded.tokenizer, bench.SEQ, True, fmt, True).examples
+    batcher = training_batches(examples, False, cfg.data, cfg.train, _pad_id(loaded.tokenizer),
+                               PAD_MULTIPLE, loaded.config,
+                               attention.skips_other_examples(loaded.model, mx.float32))
     order = batcher.order(0)
     return [batcher.arrays(order[i % len(order)]) for i in range(steps)]
 
@@ -98,22 +107,22 @@ def train_mlxtune(model_dir: Path, initial: dict, batches: list, out: Path) -> l
     model.load_weights(list(initial.items()), strict=False)
     opt = optim.Adam(learning_rate=bench.LR)
 
-    def loss_fn(m, tokens, mask):
-        total, n = objectives.sft(m, tokens, mask, chunk=2048)
+    def loss_fn(m, *arrays):  # tokens, mask (and segments for rows of several examples)
+        total, n = objectives.sft(m, *arrays, chunk=2048)
         return total / n
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, opt.state, mx.random.state]
 
-    def step(tokens, mask):
-        loss, grads = loss_and_grad(model, tokens, mask)
+    def step(*arrays):
+        loss, grads = loss_and_grad(model, *arrays)
         opt.update(model, grads)
         return loss
 
     step = mx.compile(step, inputs=state, outputs=state)
     losses = []
-    for tokens, mask in batches:
-        loss = step(tokens, mask)
+    for arrays in batches:
+        loss = step(*arrays)
         mx.eval(loss, model.state)
         losses.append(loss.item())
     adapters.save(model, adapter_config, out)
@@ -125,8 +134,9 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=112)
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--order", choices=("mlx-lm", "mlxtune"), default="mlx-lm",
-                   help="whose batches: mlx-lm's for the seed (default) or mlxtune's")
+    p.add_argument("--order", choices=("mlx-lm", "mlxtune", "mlxtune-grouped"),
+                   default="mlx-lm", help="whose batches: mlx-lm's for the seed (default), "
+                   "mlxtune's default (random) or its length-grouped ones")
     args = p.parse_args()
 
     from bench_step import save_base_folders
@@ -136,8 +146,9 @@ def main() -> None:
         _, dense = save_base_folders(work)
         data = bench.write_data(work, args.examples)
         initial, batches = mlx_lm_start(dense, data, args.seed, args.steps)
-        if args.order == "mlxtune":
-            batches = mlxtune_batches(dense, data, args.seed, args.steps)
+        if args.order != "mlx-lm":
+            batches = mlxtune_batches(dense, data, args.seed, args.steps,
+                                      args.order == "mlxtune-grouped")
         start = time.perf_counter()
         losses = train_mlxtune(dense, initial, batches, work / "adapters")
         held_out = bench.held_out_loss(dense, data, work / "adapters")[1]

@@ -2,7 +2,8 @@
 
 Read in the order of the flow: ``records`` (reading and validation, ``file:line`` errors),
 ``splits`` (train / valid / test, optionally grouped by a key), ``encode`` (chat templates
-and the loss mask), ``batches`` (length-bucketed order and padding).
+and the loss mask), ``batches`` (random or length-grouped order, padding), ``packing``
+(several examples to a row), ``batcher`` (a run's batches: order and rows together).
 """
 
 from mlxtune.data.batches import batch_order, collate

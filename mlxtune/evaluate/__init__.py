@@ -171,7 +171,7 @@ def stop_ids(tokenizer) -> set[int]:
 def split_loss(model, examples: list[data.Example], batch_size: int, pad_id: int,
                chunk: int = 0) -> tuple[float, int]:
     """(summed cross-entropy, loss-bearing tokens) over examples, as the trainer's
-    validation computes it (objectives.sft over length-bucketed, padded batches)."""
+    validation computes it (objectives.sft over length-grouped, padded batches)."""
     total, ntok = 0.0, 0
     for idx in data.batch_order([len(e.tokens) for e in examples], batch_size, 0, 0):
         tokens, mask = data.collate([examples[i] for i in idx], pad_id, PAD_MULTIPLE)

@@ -135,7 +135,7 @@ def run_mlxtune(model: Path, data: Path, steps: int, work: Path, overrides: list
     first, last = train[0], train[-1]
     start_event = next(e for e in events if e["event"] == "start")
     return {"tool": f"mlxtune {name}", "seed": seed, "overrides": overrides,
-            "packing": start_event.get("packing"),
+            "packing": start_event.get("packing"), "batches": start_event.get("batches"),
             "loss_tokens_per_sec": (last["tokens"] - first["tokens"]) / (last["time"] - first["time"]),
             "sec_per_step": (last["time"] - first["time"]) / (last["step"] - first["step"]),
             "peak_memory_gb": max(e["peak_memory_gb"] for e in train),

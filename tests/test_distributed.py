@@ -259,18 +259,23 @@ def test_dpo_two_ranks_match_one_process(tmp_path, tiny_model_dir, capsys, preco
 @pytest.mark.slow
 def test_resume_with_two_ranks_and_refuse_one(workdir, capsys):
     config = str(workdir / "config.yaml")
-    code, err = run_here("run", config, "--run-dir", str(workdir / "one"), "-q", capsys=capsys)
+    # Length-grouped rows, laid out alike by one process and two ranks (AdamW: see above).
+    grouped = ["--set", "data.group_by_length=true"]
+    code, err = run_here("run", config, "--run-dir", str(workdir / "one"), "-q", *grouped,
+                         capsys=capsys)
     assert code == 0, err
     two = workdir / "two"
-    first = launch("run", config, "--run-dir", str(two), "-q", "--set", "train.iters=5")
+    first = launch("run", config, "--run-dir", str(two), "-q", "--set", "train.iters=5",
+                   *grouped)
     assert first.returncode == 0 and (two / "checkpoints" / "step-5").is_dir(), first.stderr
     # Rank 0 reads the checkpoint and hands weights, optimizer state and position over.
     again = launch("run", config, "--run-dir", str(two), "-q", "--resume",
-                   "--set", "train.iters=10")
+                   "--set", "train.iters=10", *grouped)
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
     assert read_events(two)[-1]["reason"] == "done"
     worst = assert_same_run(workdir / "one", two)
-    code, err = run_here("run", config, "--run-dir", str(two), "--resume", capsys=capsys)
+    code, err = run_here("run", config, "--run-dir", str(two), "--resume", *grouped,
+                         capsys=capsys)
     assert code == 2
     assert err.strip().splitlines() == [
         f"mlxtune: error: --resume: {two / 'checkpoints' / 'step-10'} was trained with 2 "

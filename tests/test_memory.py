@@ -350,6 +350,13 @@ def test_logits_full_or_chunked_and_the_packing_mask():
                                        "packing": True},
                             objective={"type": "orpo"}), s, "cpu")
     assert not dpo.packed  # preference pairs are never packed
+    # SFT's random batches may lay examples out several to a row: their mask is planned;
+    # length-grouped batches hold one example a row.
+    for grouped, masked in ((None, True), (False, True), (True, False)):
+        w = workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256,
+                                         "group_by_length": grouped},
+                              train={"batch_size": 3}), s, "cpu")
+        assert (estimate(w).items["packing mask"] == 3 * 255 * 255) is masked, grouped
 
 
 def test_dequantization_transients_only_on_the_cpu_path():

@@ -181,3 +181,33 @@ def test_a_random_batch_in_one_row_has_the_padded_loss_and_gradient(model_type):
     from mlx.utils import tree_flatten
     for (k, a), (_, c) in zip(tree_flatten(g1), tree_flatten(g2)):
         np.testing.assert_allclose(np.array(a), np.array(c), rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+def test_training_batches_follow_the_config():
+    from mlxtune import config
+    from mlxtune.data.batcher import training_batches
+    from mlxtune.data.preference import Pair, PairBatcher
+
+    model_config = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}
+
+    def batches(skips=True, pairs=False, **sections):
+        cfg = config.from_dict({"model": {"path": "x"},
+                                "data": {"train": "t.jsonl", "max_seq_len": 512,
+                                         "packing": False, **sections.get("data", {})},
+                                "train": {"batch_size": 4, **sections.get("train", {})}})
+        items = _examples([100, 200, 300, 400])
+        if pairs:
+            items = [Pair(e, e, "t") for e in items]
+        return training_batches(items, pairs, cfg.data, cfg.train, 0, 32, model_config, skips)
+
+    b = batches()
+    assert b.layout == "random" and b.mix_row_len == 2048 and b.cost.skips_other_examples
+    assert batches(skips=False).mix_row_len == 512
+    assert batches(train={"cpu_streams": 2}).mix_row_len == 512
+    assert batches(train={"max_batch_tokens": 1000}).mix_row_len == 1000
+    assert batches(train={"batch_size": 16}).mix_row_len == 4096  # MIX_ROW_CAP
+    assert batches(data={"group_by_length": True}).layout == "by_length"
+    assert batches(data={"packing": True}).layout == "packed"
+    pairs = batches(pairs=True)
+    assert isinstance(pairs, PairBatcher) and pairs.layout == "by_length"
+    assert batches(pairs=True, data={"group_by_length": False}).layout == "random"

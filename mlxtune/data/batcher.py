@@ -28,6 +28,7 @@ from mlxtune.data.batches import batch_order, collate
 from mlxtune.data.encode import Example
 from mlxtune.data.packing import (RowCost, collate_packed, first_fit_decreasing,
                                   packed_batch_order)
+from mlxtune.data.preference import PairBatcher
 
 LAYOUTS = ("random", "by_length", "packed")
 # Widest row a random batch's examples share when attention skips the other examples' keys:
@@ -133,8 +134,6 @@ def training_batches(examples: list, pairs: bool, data_cfg, train_cfg, pad_id: i
     examples' own (query, key) pairs (mlxtune.attention.skips_other_examples)."""
     grouped = data_cfg.group_by_length
     if pairs:  # a pair's loss is its own, whatever its batch: length-grouped by default
-        from mlxtune.data.preference import PairBatcher
-
         return PairBatcher(examples, train_cfg.batch_size, train_cfg.seed, pad_id,
                            pad_multiple, by_length=grouped is not False)
     cost = RowCost(*layer_flops(model_config), skips_other_examples)

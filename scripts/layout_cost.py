@@ -76,5 +76,6 @@ def main() -> None:
             ratios.append(total / own)
         print(f"  {name:48s} " + " ".join(f"{r:.4f}" for r in ratios))
 
+
 if __name__ == "__main__":
     main()

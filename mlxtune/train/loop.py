@@ -20,7 +20,6 @@ import math
 import signal
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,7 +30,8 @@ from mlx.utils import tree_map
 
 from mlxtune import backend, data, forward, objectives
 from mlxtune.config import Config
-from mlxtune.data.preference import collate_pairs
+from mlxtune.data.batcher import Batcher
+from mlxtune.data.preference import PairBatcher, collate_pairs
 from mlxtune.objectives.reference import Reference
 from mlxtune.errors import TrainingStopped
 from mlxtune.train import checkpoint, streams
@@ -134,7 +134,8 @@ def _in_parts(batch: tuple, per: int, pairs: bool) -> list[tuple]:
 class Trainer:
     def __init__(self, model: nn.Module, adapter_config: dict, cfg: Config,
                  train_set: list, valid_set: list, run_dir: Path, events: EventWriter,
-                 progress: Progress, pad_id: int, batches, world: World | None = None):
+                 progress: Progress, pad_id: int, batches: Batcher | PairBatcher,
+                 world: World | None = None):
         self.model, self.adapter_config, self.cfg = model, adapter_config, cfg
         self.world = world or World()
         self.train_set, self.valid_set = train_set, valid_set

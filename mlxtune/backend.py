@@ -10,8 +10,13 @@ import mlx.core as mx
 from mlxtune import _blas
 
 
+PROFILES = ("cpu", "gpu")
+
+
 def name() -> str:
-    """'metal', 'cuda' or 'cpu': the backend the default device computes on."""
+    """'metal', 'cuda' or 'cpu': the backend the default device computes on. Use it for
+    what the hardware is (memory, device info, which kernel API to launch through); use
+    `profile()` for every choice of compute path."""
     if mx.default_device() == mx.cpu:
         return "cpu"
     if mx.metal.is_available():
@@ -19,12 +24,38 @@ def name() -> str:
     return "cuda"
 
 
+def profile() -> str:
+    """'gpu' or 'cpu': whose choices the compute path follows. A GPU backend is always
+    'gpu'. On the CPU backend `MLXTUNE_PROFILE=gpu` makes every backend-dependent choice
+    as on Metal/CUDA (bfloat16 compute, MLX's attention, the quantized layers' own
+    forward and backward, our kernels' dispatch served by their reference), computed on
+    the CPU: the way the GPU path is tested on machines without one. Read on every call,
+    so a test can switch it."""
+    requested = os.environ.get("MLXTUNE_PROFILE", "").strip().lower()
+    if requested and requested not in PROFILES:
+        raise ValueError(f"MLXTUNE_PROFILE={requested!r}: expected one of "
+                         f"{', '.join(PROFILES)}")
+    if name() != "cpu":
+        return "gpu"
+    return requested or "cpu"
+
+
+def gpu_profile() -> bool:
+    """Whether the compute path is the GPU's (a GPU backend, or MLXTUNE_PROFILE=gpu)."""
+    return profile() == "gpu"
+
+
 def compute_dtype(requested: str = "auto") -> mx.Dtype:
     """The dtype to train in. On the CPU backend bf16/fp16 have no BLAS path (~30x slower),
-    so 'auto' means float32 there and bfloat16 on GPUs."""
+    so 'auto' means float32 there and bfloat16 on GPUs (and under the GPU profile)."""
     if requested != "auto":
         return getattr(mx, requested)
-    return mx.float32 if name() == "cpu" else mx.bfloat16
+    return mx.bfloat16 if gpu_profile() else mx.float32
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """'bfloat16', 'float32', ...: a dtype as events and reports write it."""
+    return str(dtype).replace("mlx.core.", "")
 
 
 def blas() -> str:
@@ -39,7 +70,7 @@ def system_memory_bytes() -> int:
 
 
 def device_info() -> dict:
-    info = {"backend": name(), "device": str(mx.default_device()), "blas": blas(),
+    info = {"backend": name(), "profile": profile(), "device": str(mx.default_device()), "blas": blas(),
             "system_memory_gb": round(system_memory_bytes() / 1e9, 2),
             "machine": f"{platform.system()} {platform.machine()}"}
     try:

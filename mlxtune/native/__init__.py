@@ -16,13 +16,17 @@ The extension is compiled against the installed MLX's headers and library with n
 (the same nanobind ABI and domain as mlx.core, so that it takes and returns mx.array) and
 with -march=native, so it is built per machine: `python -m mlxtune.native` (scripts/setup.sh
 runs it) or, failing that, on first use. The result is cached under
-$XDG_CACHE_HOME/mlxtune/native (MLXTUNE_NATIVE_CACHE overrides), keyed on the source, the
-MLX / nanobind / Python versions and the CPU's features; a failed build is remembered there
-too (its compiler output in build.log) and not retried until one of those changes.
+$XDG_CACHE_HOME/mlxtune/native (MLXTUNE_NATIVE_CACHE overrides) in a folder named by a key:
+the sources' hash, the MLX, nanobind and Python versions, the compiler's path and its own
+`--version` line, the flags and the CPU's features. A failed build is remembered in that
+folder (build.log, the compiler's output) so that each run does not compile again, and it
+is retried as soon as any part of the key changes: an MLX, nanobind or compiler upgrade
+builds afresh. `python -m mlxtune.native --force` retries under the same key.
 
 Whenever the extension cannot be had (not Linux, no C++ compiler, no nanobind, a build or
-load failure, MLXTUNE_NATIVE=0) `load()` returns None, `state["reason"]` says why
-(`mlxtune doctor` shows it) and callers keep MLX's own ops.
+load failure, MLXTUNE_NATIVE=0) `load()` returns None, `state["reason"]` says why and
+callers keep MLX's own ops. `status_line()` says in one line which path runs and why
+(`mlxtune run` and `mlxtune doctor` print it).
 """
 
 from __future__ import annotations
@@ -48,14 +52,20 @@ HEADERS = [HERE / "common.h"]
 FLAGS = ["-O3", "-march=native", "-std=c++20", "-fPIC", "-fvisibility=hidden",
          "-DNB_DOMAIN=mlx", "-DNB_COMPACT_ASSERTIONS"]
 
-# What happened, for `mlxtune doctor` and the tests: loaded (a path) or a reason.
-state: dict = {"loaded": None, "reason": ""}
+# What happened, for status_line(), `mlxtune doctor` and the tests: loaded (a path) or a
+# reason; after a failed build also its first error line and the log's path.
+state: dict = {"loaded": None, "reason": "", "build_error": "", "log": ""}
 _module = None
 _settled = False  # load() has succeeded or failed for good in this process
 
 
 class BuildError(RuntimeError):
-    pass
+    """A build that failed: `first_line` is the compiler's first error line, `log` the
+    path of its whole output (empty where nothing was compiled)."""
+
+    def __init__(self, message: str, first_line: str = "", log: str = ""):
+        super().__init__(message)
+        self.first_line, self.log = first_line, log
 
 
 def disabled() -> bool:
@@ -67,6 +77,24 @@ def _compiler() -> str | None:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
+
+
+_identities: dict = {}
+
+
+def _compiler_identity(cxx: str | None) -> str:
+    """The compiler's own first `--version` line ("g++ (Debian 12.2.0-14) 12.2.0"): an
+    upgrade in place keeps the path, so the path alone would not retry a failed build."""
+    if not cxx:
+        return ""
+    if cxx not in _identities:
+        try:
+            out = subprocess.run([cxx, "--version"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, timeout=30).stdout
+            _identities[cxx] = (out.strip().splitlines() or [""])[0]
+        except (OSError, subprocess.SubprocessError) as e:
+            _identities[cxx] = f"unknown ({type(e).__name__})"
+    return _identities[cxx]
 
 
 def _cpu_features() -> str:
@@ -86,13 +114,22 @@ def cache_dir() -> Path:
     return Path(base) / "mlxtune" / "native"
 
 
+def key_parts() -> dict:
+    """What the cached build (or the record of a failed one) is keyed on."""
+    sources = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        sources.update(path.read_bytes())
+    cxx = _compiler()
+    return {"sources": sources.hexdigest()[:16], "mlx": importlib.metadata.version("mlx"),
+            "nanobind": _nanobind_version(), "python": sys.version,
+            "machine": platform.machine(), "cpu": _cpu_features(), "flags": " ".join(FLAGS),
+            "compiler": cxx or "", "compiler_version": _compiler_identity(cxx)}
+
+
 def _key() -> str:
     h = hashlib.sha256()
-    for path in SOURCES + HEADERS:
-        h.update(path.read_bytes())
-    for part in (importlib.metadata.version("mlx"), _nanobind_version(), sys.version,
-                 platform.machine(), _cpu_features(), " ".join(FLAGS), _compiler() or ""):
-        h.update(part.encode())
+    for name, part in key_parts().items():
+        h.update(f"{name}={part}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -141,7 +178,11 @@ def build(force: bool = False, log=None) -> Path:
         if target.exists() and not force:
             return target
         if failed.exists() and not force:
-            raise BuildError(f"an earlier build failed; see {failed}")
+            # Remembered under this key only: another MLX, nanobind or compiler is another
+            # key, and so another try.
+            first = first_error_line(failed.read_text(errors="replace"))
+            raise BuildError(f"an earlier build failed ({first}); see {failed}", first,
+                             str(failed))
         if log:
             log(f"building mlxtune's CPU kernels into {folder} (once, ~20-60 s)")
         mlx_dir = Path(mlx.__path__[0])
@@ -170,12 +211,27 @@ def build(force: bool = False, log=None) -> Path:
             else:
                 ok = False
             if not ok:
-                failed.write_text("\n\n".join(
-                    " ".join(cmd) + "\n" + out for cmd, out in zip(jobs + [link], outputs)))
-                raise BuildError(f"compiling mlxtune's CPU kernels failed; see {failed}")
+                text = "\n\n".join(" ".join(cmd) + "\n" + out
+                                    for cmd, out in zip(jobs + [link], outputs))
+                failed.write_text(
+                    "".join(f"# {k}: {v}\n" for k, v in key_parts().items()) + "\n" + text)
+                first = first_error_line("\n".join(outputs))
+                raise BuildError(f"compiling mlxtune's CPU kernels failed ({first}); see "
+                                 f"{failed}", first, str(failed))
             os.replace(Path(tmp) / target.name, target)  # atomic: readers see all or nothing
             failed.unlink(missing_ok=True)
     return target
+
+
+def first_error_line(output: str) -> str:
+    """The compiler's first error line ("attention.cpp:12:3: error: ..."), else its first
+    line, else "no output"."""
+    lines = [line.strip() for line in output.splitlines()
+             if line.strip() and not line.startswith("# ")]
+    for line in lines:
+        if "error" in line.lower() or "fatal" in line.lower():
+            return line[:300]
+    return lines[0][:300] if lines else "no output"
 
 
 def _import(path: Path):
@@ -216,19 +272,30 @@ def load(build_if_missing: bool = True):
     try:
         path = module_path()
         if not path.exists():
-            if not build_if_missing:
+            failed = path.parent / "build.log"
+            if not build_if_missing and not failed.exists():
                 state["reason"] = "not built yet (python -m mlxtune.native builds it)"
                 return None
-            path = build()
+            path = build()  # a failure recorded under this key raises at once
         module = _import(path)
         _smoke_test(module)
-    except Exception as e:  # any failure means MLX's own ops, said once in doctor
+    except BuildError as e:
+        state.update(reason=str(e), build_error=e.first_line or str(e), log=e.log)
+        _settled = True
+        return None
+    except Exception as e:  # any failure means MLX's own ops, said by status_line()
         state["reason"], _settled = f"{type(e).__name__}: {e}", True
         return None
     _module, _settled = module, True
-    state["reason"] = ""
-    state["loaded"] = str(path)
+    state.update(reason="", build_error="", log="", loaded=str(path))
     return _module
+
+
+def reset() -> None:
+    """Forget this process's outcome, so that the next load() looks again (tests)."""
+    global _module, _settled
+    _module, _settled = None, False
+    state.update(loaded=None, reason="", build_error="", log="")
 
 
 def describe() -> str:
@@ -236,3 +303,29 @@ def describe() -> str:
     if state["loaded"]:
         return f"CPU attention and cross-entropy kernels ({state['loaded']})"
     return f"MLX's ops ({state['reason']})"
+
+
+def status_line(build: bool = True) -> str:
+    """One line on which CPU kernels a run uses and why, e.g.
+    "CPU kernels: native (/root/.cache/mlxtune/native/<key>/_cpu_kernels....so)" or
+    "CPU kernels: MLX's ops (native build failed: <first error line>; log at <path>)".
+    Builds the extension first if it is missing and build is true (as the first step of a
+    run would)."""
+    from mlxtune import backend
+
+    try:
+        gpu = backend.gpu_profile()
+    except ValueError:  # a bad MLXTUNE_PROFILE: the run itself says so
+        gpu = False
+    if gpu:
+        where = "MLXTUNE_PROFILE=gpu" if backend.name() == "cpu" else f"{backend.name()} backend"
+        return f"CPU kernels: not used ({where}: MLX's fused kernels)"
+    if disabled():
+        return "CPU kernels: MLX's ops (MLXTUNE_NATIVE=0)"
+    load(build_if_missing=build)
+    if state["loaded"]:
+        return f"CPU kernels: native ({state['loaded']})"
+    if state["build_error"]:
+        return (f"CPU kernels: MLX's ops (native build failed: {state['build_error']}; "
+                f"log at {state['log'] or 'none'})")
+    return f"CPU kernels: MLX's ops ({state['reason']})"

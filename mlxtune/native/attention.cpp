@@ -15,6 +15,10 @@
 // Outputs: o [B, H, L, Dv] and lse [B, H, L] (the log-sum-exp of each query's visible
 // scores; +inf for a query that sees no key, whose output row is 0).
 //
+// Scratch memory (each worker's scores for a block, and with grouped queries each head's
+// dK / dV before they are summed) comes from MLX's allocator, so MLX's memory counters and
+// the peak mlxtune reports include it.
+//
 // Each query block only reads keys from the first one any of its rows can see: for
 // packed rows (a mask that starts each example's keys at its own first token) the blocks
 // of later examples skip the earlier examples' keys entirely.
@@ -42,9 +46,10 @@ struct Shapes {
 };
 
 // First key each query can see (len = none), per mask batch: [mask_batch or 1, len].
-std::vector<int> first_visible(const uint8_t* mask, const Shapes& s) {
+Scratch<int> first_visible(const uint8_t* mask, const Shapes& s) {
   const int planes = s.mask_batch ? s.mask_batch : 1;
-  std::vector<int> first(static_cast<size_t>(planes) * s.len, 0);
+  Scratch<int> first(static_cast<size_t>(planes) * s.len);
+  std::fill(first.get(), first.get() + static_cast<size_t>(planes) * s.len, 0);
   if (!s.mask_batch) return first;
   for (int p = 0; p < planes; ++p) {
     for (int i = 0; i < s.len; ++i) {
@@ -101,15 +106,16 @@ template <bool kMasked>
 void forward_impl(Views in, float* o, float* lse, Shapes s, float scale) {
   const int rep = s.h / s.hk;
   const auto first = first_visible(in.mask, s);
-  std::vector<std::vector<float>> scratch(kMaxWorkers);
-  parallel_for(s.b * s.h, kMaxWorkers, [&](int worker, int task) {
+  // Each worker's scores for a block of queries and their 1 / sum.
+  const int workers = worker_count(s.b * s.h);
+  const size_t per_worker = static_cast<size_t>(kBlock) * (s.len + 1);
+  const Scratch<float> scratch(per_worker * workers);
+  parallel_for(s.b * s.h, workers, true, [&](int worker, int task) {
     const int b = task / s.h, h = task % s.h, g = h / rep;
-    auto& buffer = scratch[worker];
-    buffer.resize(static_cast<size_t>(kBlock) * (s.len + 1));
-    float* scores = buffer.data();
+    float* scores = scratch.get() + per_worker * worker;
     float* inv = scores + static_cast<size_t>(kBlock) * s.len;
     const int mb = s.mask_batch == s.b ? b : 0;
-    const int* first_b = first.data() + static_cast<size_t>(mb) * s.len * (s.mask_batch > 0);
+    const int* first_b = first.get() + static_cast<size_t>(mb) * s.len * (s.mask_batch > 0);
     const uint8_t* mask_b = kMasked ? in.mask + static_cast<size_t>(mb) * s.len * s.len : nullptr;
     const float* qh = in.q + (static_cast<size_t>(b) * s.h + h) * s.len * s.d;
     const float* kh = in.k + (static_cast<size_t>(b) * s.hk + g) * s.len * s.d;
@@ -166,24 +172,26 @@ void backward_impl(Views in, const float* o, const float* lse, const float* dout
   const size_t kv_rows = static_cast<size_t>(s.len);
   // With grouped queries the rep heads of a kv head each get their own dK / dV rows (so
   // that heads can run in parallel), summed into dk / dv at the end.
-  std::vector<float> dk_heads, dv_heads;
+  const size_t head_rows = rep > 1 ? static_cast<size_t>(s.b) * s.h * kv_rows : 0;
+  const Scratch<float> dk_heads(head_rows * s.d), dv_heads(head_rows * s.dv);
   if (rep > 1) {
-    dk_heads.assign(static_cast<size_t>(s.b) * s.h * kv_rows * s.d, 0.0f);
-    dv_heads.assign(static_cast<size_t>(s.b) * s.h * kv_rows * s.dv, 0.0f);
+    std::fill(dk_heads.get(), dk_heads.get() + head_rows * s.d, 0.0f);
+    std::fill(dv_heads.get(), dv_heads.get() + head_rows * s.dv, 0.0f);
   } else {
     std::fill(dk, dk + static_cast<size_t>(s.b) * s.hk * kv_rows * s.d, 0.0f);
     std::fill(dv, dv + static_cast<size_t>(s.b) * s.hk * kv_rows * s.dv, 0.0f);
   }
-  std::vector<std::vector<float>> scratch(kMaxWorkers);
-  parallel_for(s.b * s.h, kMaxWorkers, [&](int worker, int task) {
+  // Each worker's probabilities and their gradient for a block of queries, and delta.
+  const int workers = worker_count(s.b * s.h);
+  const size_t per_worker = static_cast<size_t>(kBlock) * s.len * 2 + s.len;
+  const Scratch<float> scratch(per_worker * workers);
+  parallel_for(s.b * s.h, workers, true, [&](int worker, int task) {
     const int b = task / s.h, h = task % s.h, g = h / rep;
-    auto& buffer = scratch[worker];
-    buffer.resize(static_cast<size_t>(kBlock) * s.len * 2 + s.len);
-    float* probs = buffer.data();
+    float* probs = scratch.get() + per_worker * worker;
     float* dprobs = probs + static_cast<size_t>(kBlock) * s.len;
     float* delta = dprobs + static_cast<size_t>(kBlock) * s.len;
     const int mb = s.mask_batch == s.b ? b : 0;
-    const int* first_b = first.data() + static_cast<size_t>(mb) * s.len * (s.mask_batch > 0);
+    const int* first_b = first.get() + static_cast<size_t>(mb) * s.len * (s.mask_batch > 0);
     const uint8_t* mask_b = kMasked ? in.mask + static_cast<size_t>(mb) * s.len * s.len : nullptr;
     const size_t qoff = (static_cast<size_t>(b) * s.h + h) * s.len;
     const size_t koff = (static_cast<size_t>(b) * s.hk + g) * s.len;
@@ -194,8 +202,8 @@ void backward_impl(Views in, const float* o, const float* lse, const float* dout
     const float* doh = dout + qoff * s.dv;
     const float* lh = lse + qoff;
     float* dqh = dq + qoff * s.d;
-    float* dkh = rep > 1 ? dk_heads.data() + qoff * s.d : dk + koff * s.d;
-    float* dvh = rep > 1 ? dv_heads.data() + qoff * s.dv : dv + koff * s.dv;
+    float* dkh = rep > 1 ? dk_heads.get() + qoff * s.d : dk + koff * s.d;
+    float* dvh = rep > 1 ? dv_heads.get() + qoff * s.dv : dv + koff * s.dv;
     // delta_i = dO_i . O_i: the softmax backward's row term.
     for (int i = 0; i < s.len; ++i) {
       const float* a = doh + static_cast<size_t>(i) * s.dv;
@@ -253,8 +261,8 @@ void backward_impl(Views in, const float* o, const float* lse, const float* dout
       for (int g = 0; g < s.hk; ++g) {
         const size_t koff = (static_cast<size_t>(b) * s.hk + g) * kv_rows;
         const size_t qoff = (static_cast<size_t>(b) * s.h + g * rep) * kv_rows;
-        for (auto [dst, src, width] : {std::tuple{dk, dk_heads.data(), s.d},
-                                       std::tuple{dv, dv_heads.data(), s.dv}}) {
+        for (auto [dst, src, width] : {std::tuple{dk, dk_heads.get(), s.d},
+                                       std::tuple{dv, dv_heads.get(), s.dv}}) {
           const size_t size = kv_rows * width;
           float* out = dst + koff * width;
           std::copy(src + qoff * width, src + qoff * width + size, out);

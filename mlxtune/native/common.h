@@ -11,6 +11,7 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -79,22 +80,93 @@ inline const BlasThreads& blas_threads() {
   return threads;
 }
 
+// OpenBLAS's thread count is one number for the whole process, and with train.cpu_streams
+// > 1 several streams run these primitives at the same time. Were each to set it to 1 and
+// then put back the value it had read, a primitive that started while another held it at 1
+// would put back 1, and every later matmul of the run would be single-threaded. So the
+// parallel loops share one hold: the first in reads the count and sets 1, the last out
+// puts that count back, and while it is held blas_count() answers the count read by the
+// first. Only these two transitions call openblas_set_num_threads, under one lock.
+class BlasHold {
+ public:
+  BlasHold() {
+    auto& s = shared();
+    std::lock_guard<std::mutex> hold(s.lock);
+    const auto& blas = blas_threads();
+    if (s.users++ == 0) {
+      s.saved = blas.get ? blas.get() : 0;
+      if (blas.set && s.saved > 1) blas.set(1);
+    }
+  }
+  ~BlasHold() {
+    auto& s = shared();
+    std::lock_guard<std::mutex> hold(s.lock);
+    const auto& blas = blas_threads();
+    if (--s.users == 0 && blas.set && s.saved > 1) blas.set(s.saved);
+  }
+  BlasHold(const BlasHold&) = delete;
+  BlasHold& operator=(const BlasHold&) = delete;
+
+  // The BLAS's thread count as the run set it (not the 1 of a hold in progress).
+  static int blas_count() {
+    auto& s = shared();
+    std::lock_guard<std::mutex> hold(s.lock);
+    const auto& blas = blas_threads();
+    if (s.users > 0 && s.saved > 0) return s.saved;
+    return blas.get ? blas.get() : static_cast<int>(std::thread::hardware_concurrency());
+  }
+
+ private:
+  struct Shared {
+    std::mutex lock;
+    int users = 0;
+    int saved = 0;
+  };
+  static Shared& shared() {  // one per process (an inline function's static)
+    static Shared s;
+    return s;
+  }
+};
+
 constexpr int kMaxWorkers = 64;
 
-// Runs task(worker, i) for i in [0, count) on the BLAS's thread count of threads (at most
-// workers_wanted), with the BLAS single-threaded meanwhile; worker numbers the thread (for
-// its scratch buffers). An exception in a task is rethrown here after every thread ends.
+// The threads a parallel loop of count tasks gets: the BLAS's thread count, at most count
+// and workers_wanted.
+inline int worker_count(int count, int workers_wanted = kMaxWorkers) {
+  return std::max(1, std::min({BlasHold::blas_count(), count, workers_wanted, kMaxWorkers}));
+}
+
+// Scratch memory from MLX's allocator, so that MLX's memory counters (mx.get_active_memory,
+// mx.get_peak_memory and the peak mlxtune reports) include it and its cache reuses it.
+// Freed when it goes out of scope.
+template <class T>
+class Scratch {
+ public:
+  explicit Scratch(size_t count)
+      : data_(mx::allocator::malloc(std::max<size_t>(count, 1) * sizeof(T))),
+        ptr_(static_cast<T*>(data_.buffer().raw_ptr())) {}
+  T* get() const { return ptr_; }
+  T& operator[](size_t i) const { return ptr_[i]; }
+
+ private:
+  mx::allocator::Data data_;
+  T* ptr_;
+};
+
+// Runs task(worker, i) for i in [0, count) on `workers` threads (worker_count()), the
+// calling thread included; worker numbers the thread (for its scratch buffers). With
+// blas_inside (tasks that call the BLAS) the BLAS is single-threaded meanwhile (BlasHold);
+// one worker leaves it as it is. An exception in a task is rethrown here after every
+// thread ends.
 template <class Task>
-void parallel_for(int count, int workers_wanted, Task&& task) {
-  const auto& blas = blas_threads();
-  int workers = blas.get ? blas.get() : static_cast<int>(std::thread::hardware_concurrency());
-  workers = std::max(1, std::min({workers, count, workers_wanted}));
+void parallel_for(int count, int workers, bool blas_inside, Task&& task) {
+  workers = std::max(1, std::min(workers, count));
   if (workers == 1) {
     for (int i = 0; i < count; ++i) task(0, i);
     return;
   }
-  const int before = blas.get ? blas.get() : 0;
-  if (blas.set) blas.set(1);
+  std::optional<BlasHold> hold;
+  if (blas_inside) hold.emplace();
   std::atomic<int> next{0};
   std::exception_ptr error;
   std::mutex error_lock;
@@ -102,7 +174,7 @@ void parallel_for(int count, int workers_wanted, Task&& task) {
     try {
       for (int i = next++; i < count; i = next++) task(worker, i);
     } catch (...) {
-      std::lock_guard<std::mutex> hold(error_lock);
+      std::lock_guard<std::mutex> guard(error_lock);
       if (!error) error = std::current_exception();
       next = count;
     }
@@ -111,7 +183,6 @@ void parallel_for(int count, int workers_wanted, Task&& task) {
   for (int w = 1; w < workers; ++w) threads.emplace_back(run, w);
   run(0);
   for (auto& t : threads) t.join();
-  if (blas.set) blas.set(before);
   if (error) std::rethrow_exception(error);
 }
 

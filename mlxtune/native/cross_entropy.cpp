@@ -7,8 +7,8 @@
 // chunk of positions at a time: one sgemm for its logits into a scratch buffer, one
 // vectorised pass per row on the BLAS's threads for max, exp, sum, the loss and (when the
 // gradient is wanted) softmax minus one-hot in place, then one sgemm for the gradient with
-// respect to the hidden states. The scratch buffer is taken from MLX's allocator, so MLX's
-// memory counters (and the peak mlxtune reports) include it.
+// respect to the hidden states. The scratch buffers are taken from MLX's allocator, so MLX's
+// memory counters (and the peak mlxtune reports) include them.
 //
 // Only the positions marked active are computed (a loss-bearing position's prediction);
 // the others get loss 0 and gradient 0, and cost nothing.
@@ -77,11 +77,11 @@ float row_loss(float* row, int vocab, int target) {
 template <bool kGrad>
 void cross_entropy_impl(const float* h, const float* w, const int32_t* targets,
                         const uint8_t* active, float* loss, float* grad, Shapes s) {
-  std::vector<int> rows;
-  rows.reserve(s.n);
+  const Scratch<int> rows(s.n);  // the active positions
+  int total = 0;
   for (int i = 0; i < s.n; ++i) {
     if (active[i]) {
-      rows.push_back(i);
+      rows[total++] = i;
     } else {
       loss[i] = 0.0f;
       if (kGrad)
@@ -89,14 +89,13 @@ void cross_entropy_impl(const float* h, const float* w, const int32_t* targets,
                   0.0f);
     }
   }
-  if (rows.empty()) return;
+  if (total == 0) return;
   const int chunk = chunk_rows(s.vocab);
   const size_t floats = static_cast<size_t>(chunk) * (s.vocab + 2 * s.d);
-  auto scratch = mx::allocator::malloc(floats * sizeof(float));
-  float* logits = static_cast<float*>(scratch.buffer().raw_ptr());
+  const Scratch<float> scratch(floats);
+  float* logits = scratch.get();
   float* hc = logits + static_cast<size_t>(chunk) * s.vocab;
   float* gc = hc + static_cast<size_t>(chunk) * s.d;
-  const int total = static_cast<int>(rows.size());
   for (int a = 0; a < total; a += chunk) {
     const int c = std::min(chunk, total - a);
     for (int r = 0; r < c; ++r)  // the chunk's active rows, gathered
@@ -105,7 +104,8 @@ void cross_entropy_impl(const float* h, const float* w, const int32_t* targets,
                 hc + static_cast<size_t>(r) * s.d);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c, s.vocab, s.d, 1.0f, hc, s.d, w,
                 s.d, 0.0f, logits, s.vocab);
-    parallel_for(c, kMaxWorkers, [&](int, int r) {
+    // (the rows' passes call no BLAS: it keeps its threads for the sgemm calls around them)
+    parallel_for(c, worker_count(c), false, [&](int, int r) {
       const int i = rows[a + r];
       loss[i] = row_loss<kGrad>(logits + static_cast<size_t>(r) * s.vocab, s.vocab, targets[i]);
     });

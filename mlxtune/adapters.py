@@ -27,8 +27,9 @@ CONFIG_FILE = "adapter_config.json"
 
 
 class LoRALinear(nn.Module):
-    """y = linear(x) + scale * dropout(x) @ A @ B. Same parameter names and math as
-    mlx-lm's LoRALinear; `enabled` switches the adapter off (a reference pass).
+    """y = linear(x) + scale * dropout(x) @ A @ B. Same parameter names, math and dtypes as
+    mlx-lm's LoRALinear (A and B in float32, the update added in x's dtype); `enabled`
+    switches the adapter off (a reference pass).
 
     For preference tuning from an existing adapter, the layer can also hold a frozen copy
     of that adapter (`ref_lora_a`, `ref_lora_b`, see `freeze_reference`): with
@@ -37,15 +38,18 @@ class LoRALinear(nn.Module):
 
     def __init__(self, linear: nn.Module, rank: int, scale: float, dropout: float = 0.0):
         super().__init__()
-        out_dims, in_dims, dtype = quant.linear_geometry(linear)
+        out_dims, in_dims, _ = quant.linear_geometry(linear)
         self.linear = linear
         self.dropout = nn.Dropout(p=dropout)
         self.scale = scale
         self.enabled = True
         self.use_reference = False
+        # float32 whatever the compute dtype, as mlx-lm keeps them: the optimizer's state
+        # follows the parameters' dtype, and bfloat16 (8 bits of mantissa) would drop
+        # updates smaller than 1/256 of a weight.
         bound = 1 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank)).astype(dtype)
-        self.lora_b = mx.zeros((rank, out_dims), dtype=dtype)
+        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank), dtype=mx.float32)
+        self.lora_b = mx.zeros((rank, out_dims), dtype=mx.float32)
 
     def __call__(self, x):
         if not self.enabled:

@@ -120,7 +120,7 @@ def native_attention(queries, keys, values, scale: float, mask) -> mx.array | No
 def _routed(original):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None,
                                      **kwargs):
-        if not kwargs and backend.name() == "cpu" and _applies(queries, keys, cache, mask,
+        if not kwargs and backend.profile() == "cpu" and _applies(queries, keys, cache, mask,
                                                                 sinks):
             out = native_attention(queries, keys, values, scale, mask)
             return out if out is not None else blockwise_attention(queries, keys, values,
@@ -136,14 +136,14 @@ def skips_other_examples(model: nn.Module, dtype: mx.Dtype) -> bool:
     row only its examples' own (query, key) pairs: mlxtune.native's kernel (CPU, float32,
     the model's module routed by `install`) reads no key before the first one a block of
     queries can see. Elsewhere a row of several examples pays attention across the row."""
-    if backend.name() != "cpu" or dtype != mx.float32 or native.load() is None:
+    if backend.profile() != "cpu" or dtype != mx.float32 or native.load() is None:
         return False
     fn = getattr(sys.modules.get(type(model).__module__), "scaled_dot_product_attention", None)
     return hasattr(fn, "_mlxtune_original")
 
 
 def install(model: nn.Module) -> bool:
-    """Route `model`'s attention through blockwise_attention on the CPU backend (a no-op
-    elsewhere: the decision is taken per call). Returns whether the model's module uses
+    """Route `model`'s attention through blockwise_attention on the CPU profile (a no-op
+    elsewhere, the GPU profile included: the decision is taken per call). Returns whether the model's module uses
     mlx_lm's shared attention function (and so is covered)."""
     return routing.route(model, "scaled_dot_product_attention", _routed)

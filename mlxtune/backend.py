@@ -45,6 +45,13 @@ def gpu_profile() -> bool:
     return profile() == "gpu"
 
 
+def plan_backend() -> str:
+    """The backend the memory planner plans this machine's steps for: the hardware's,
+    except that the GPU profile on a CPU plans as on Metal (the same compute path)."""
+    hardware = name()
+    return "metal" if hardware == "cpu" and gpu_profile() else hardware
+
+
 def compute_dtype(requested: str = "auto") -> mx.Dtype:
     """The dtype to train in. On the CPU backend bf16/fp16 have no BLAS path (~30x slower),
     so 'auto' means float32 there and bfloat16 on GPUs (and under the GPU profile)."""

@@ -119,10 +119,11 @@ def exp(x: mx.array) -> mx.array:
 
 
 def enabled() -> bool:
-    """Whether these forms are used: on the CPU backend (elsewhere MLX's own ops are
-    faster), unless MLXTUNE_FASTMATH=0 asks for MLX's ops (to compare, and for the memory
-    planner's calibration, which measures the graph that Metal and CUDA run)."""
-    return backend.name() == "cpu" and os.environ.get("MLXTUNE_FASTMATH", "1") != "0"
+    """Whether these forms are used: on the CPU profile (elsewhere MLX's own ops are
+    faster; the GPU profile keeps MLX's ops as a GPU would), unless MLXTUNE_FASTMATH=0 asks
+    for MLX's ops (to compare, and for the memory planner's calibration, which measures the
+    graph that Metal and CUDA run)."""
+    return backend.profile() == "cpu" and os.environ.get("MLXTUNE_FASTMATH", "1") != "0"
 
 
 # ------------------------------------------------------------------------------ softmax

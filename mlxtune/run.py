@@ -185,8 +185,10 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     events = EventWriter(run_dir, enabled=world.main)
     try:
         info = backend.device_info()
+        dtype = backend.dtype_name(backend.compute_dtype(cfg.model.dtype))
         events.emit("start", config=cfg.to_dict(), trainable_params=trainable,
                     total_params=total, backend=info["backend"], blas=info["blas"],
+                    profile=info["profile"], compute_dtype=dtype,
                     planned_peak_gb=None if plan is None else round(plan.peak_gb, 3),
                     model_source=dataclasses.asdict(loaded.source),
                     train_examples=len(train_set.examples),
@@ -196,7 +198,8 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                     packing=batches.packed, batches=batches.layout,
                     ranks=world.size)
         progress.message(f"run: {run_dir}  ({trainable:,} trainable of {total:,} parameters, "
-                         f"{info['backend']}, {info['blas']})")
+                         f"{info['backend']}, {info['blas']}, {info['profile']} profile, "
+                         f"{dtype})")
         trainer = Trainer(model, adapter_config, cfg, train_set.examples, valid_set.examples,
                           run_dir, events, progress, pad_id=_pad_id(loaded.tokenizer),
                           batches=batches, world=world)

@@ -41,3 +41,28 @@ def native_kernels():
     module = native.load()
     assert module is not None, native.state["reason"]
     return module
+
+
+PROFILES = ("cpu", "gpu")
+
+
+@pytest.fixture(params=PROFILES)
+def profile(request, monkeypatch):
+    """Runs an end-to-end test under each compute profile: 'cpu' (this machine's own path)
+    and 'gpu' (MLXTUNE_PROFILE=gpu: every choice as on Metal/CUDA, bfloat16 compute,
+    computed here). The variable reaches subprocesses the test starts too."""
+    monkeypatch.setenv("MLXTUNE_PROFILE", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _cpu_profile_unless_asked(request, monkeypatch):
+    """Tests that do not ask for `profile` test this machine's own path, whatever
+    MLXTUNE_PROFILE the shell has."""
+    if "profile" not in request.fixturenames:
+        monkeypatch.setenv("MLXTUNE_PROFILE", "cpu")
+
+
+def expected_compute_dtype(profile: str) -> str:
+    """What `model.dtype: auto` resolves to under `profile`."""
+    return "bfloat16" if profile == "gpu" else "float32"

@@ -17,6 +17,7 @@ from mlxtune.errors import ConfigError
 from mlxtune.evaluate import generate, split_loss
 from mlxtune.evaluate.metrics import Schema, Scorer, exact_match, load_metric, same_shape
 from mlxtune.train.events import read_events
+from conftest import expected_compute_dtype
 from tiny import write_jsonl
 
 # ----------------------------------------------------------------------------- metrics
@@ -144,7 +145,7 @@ def numpy_loss(model, examples) -> tuple[float, int]:
     alone (no padding, no batching), in float64 numpy."""
     total, n = 0.0, 0
     for e in examples:
-        logits = np.array(model(mx.array([e.tokens]))[0], dtype=np.float64)
+        logits = np.array(model(mx.array([e.tokens]))[0].astype(mx.float32), dtype=np.float64)
         logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         for i in range(1, len(e.tokens)):
             if e.mask[i]:
@@ -289,11 +290,8 @@ def write_config(tmp_path, model_dir, **sections) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir):
-    """A finished tiny run, trained with --no-eval."""
-    tmp = tmp_path_factory.mktemp("evalrun")
-    config = write_config(tmp, tiny_model_dir)
+def _train_tiny_run(tmp, model_dir):
+    config = write_config(tmp, model_dir)
     try:
         main(["run", str(config), "--run-dir", str(tmp / "run"), "-q", "--no-eval"])
     except SystemExit as e:
@@ -301,22 +299,53 @@ def trained(tmp_path_factory, tiny_model_dir):
     return tmp / "run"
 
 
-def loss_with_mlx_lm(run_dir, adapter_path):
-    """The test split's loss through mlx_lm.load (with or without the adapter): an
-    independent check that 'adapter off' is the base and 'adapter on' the tuned model."""
-    from mlx_lm import load
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """A finished tiny run, trained with --no-eval."""
+    return _train_tiny_run(tmp_path_factory.mktemp("evalrun"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def _runs_by_profile(tmp_path_factory, tiny_model_dir):
+    runs = {}
+
+    def get(profile):
+        if profile not in runs:
+            runs[profile] = _train_tiny_run(tmp_path_factory.mktemp(f"evalrun-{profile}"),
+                                            tiny_model_dir)
+        return runs[profile]
+
+    return get
+
+
+@pytest.fixture
+def trained_under(profile, _runs_by_profile):
+    """`trained`, run under the test's compute profile (MLXTUNE_PROFILE is set)."""
+    return _runs_by_profile(profile)
+
+
+def loss_with_mlx_lm(run_dir, adapter_path, dtype=None):
+    """The test split's loss through mlx_lm (with or without the adapter): an independent
+    check that 'adapter off' is the base and 'adapter on' the tuned model. With `dtype`
+    the base computes in it (as mlx-lm does a model stored in it), the adapter in float32."""
+    from mlx_lm.utils import load, load_adapters
 
     from mlxtune import config
 
     cfg = config.load(run_dir / "config.yaml")
-    model, tok = load(cfg.model.path, adapter_path=adapter_path)
+    model, tok = load(cfg.model.path)
+    if dtype is not None:
+        model.set_dtype(dtype)
+    if adapter_path is not None:
+        load_adapters(model, adapter_path)
     records = data.load_splits(cfg.data, cfg.train.seed)[0]["test"]
     examples = data.encode(records, tok, cfg.data.max_seq_len, None, "chat").examples
     s, n = numpy_loss(model, examples)
     return s / n
 
 
-def test_eval_command_end_to_end(trained, capsys):
+def test_eval_command_end_to_end(trained_under, capsys, profile):
+    trained = trained_under
     assert not (trained / "eval.json").exists()  # --no-eval skipped it
     code, out = run_cli(["eval", str(trained), "--json"], capsys)
     assert code == 0, out.err
@@ -330,9 +359,16 @@ def test_eval_command_end_to_end(trained, capsys):
                     "tokens_per_sec", "wall_s", "generated_tokens"):
             assert key in side, key
         assert side["perplexity"] == pytest.approx(np.exp(side["loss"]))
-    assert base["loss"] == pytest.approx(loss_with_mlx_lm(trained, None), rel=1e-4)
-    assert tuned["loss"] == pytest.approx(loss_with_mlx_lm(trained, str(trained / "best")),
-                                          rel=1e-4)
+    assert result["compute_dtype"] == expected_compute_dtype(profile)
+    dtype = getattr(mx, result["compute_dtype"])
+    # float32: the same function, summed in another order. bfloat16: mlx-lm's model in
+    # bfloat16 with its float32 adapter computes what mlxtune's does, but batching and
+    # padding change the order of bfloat16 sums, each rounded to 2^-9 relative; a mean
+    # over ~100 tokens of such errors in log-probs of size ~5 stays well under 2^-9.
+    rel = 1e-4 if dtype == mx.float32 else 2 ** -9
+    assert base["loss"] == pytest.approx(loss_with_mlx_lm(trained, None, dtype), rel=rel)
+    assert tuned["loss"] == pytest.approx(
+        loss_with_mlx_lm(trained, str(trained / "best"), dtype), rel=rel)
     assert tuned["loss"] < base["loss"]
     # Every example is shown (eval.show=100): the rates recompute from them.
     shown = result["examples"]

@@ -379,7 +379,7 @@ def run_events(workdir, name, *sets, capsys=None):
     return run_dir, read_events(run_dir)
 
 
-def test_dpo_run_logs_trl_metrics_and_keeps_the_reference(dpo_workdir, capsys, tiny_model_dir):
+def test_dpo_run_logs_trl_metrics_and_keeps_the_reference(dpo_workdir, capsys, tiny_model_dir, profile):
     run_dir, events = run_events(dpo_workdir, "run", capsys=capsys)
     trains = [e for e in events if e["event"] == "train"]
     vals = [e for e in events if e["event"] == "val"]
@@ -425,7 +425,7 @@ def test_dpo_run_logs_trl_metrics_and_keeps_the_reference(dpo_workdir, capsys, t
     assert (margins > 0).mean() > 0.5
 
 
-def test_precompute_reference_gives_the_same_run_and_is_reused_on_resume(dpo_workdir, capsys):
+def test_precompute_reference_gives_the_same_run_and_is_reused_on_resume(dpo_workdir, capsys, profile):
     _, fly = run_events(dpo_workdir, "fly", capsys=capsys)
     run_dir, pre = run_events(dpo_workdir, "pre", "objective.precompute_reference=true",
                               "train.iters=3", capsys=capsys)
@@ -528,7 +528,7 @@ def test_dpo_on_chat_data_is_one_line(tmp_path, tiny_model_dir, capsys):
     assert code != 0 and "train.jsonl: objective.type dpo trains on preference pairs" in out.err
 
 
-def test_eval_of_a_dpo_run_compares_base_start_and_tuned(dpo_workdir, capsys):
+def test_eval_of_a_dpo_run_compares_base_start_and_tuned(dpo_workdir, capsys, profile):
     """`mlxtune eval` on a DPO run started from an SFT adapter: three sides (base, the SFT
     adapter it started from, the DPO adapter), each checked against log-probs computed here
     with score_pairs on separately loaded models."""

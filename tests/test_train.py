@@ -16,6 +16,7 @@ import yaml
 from mlxtune.cli import main
 from mlxtune.train import optim as train_optim
 from mlxtune.train.events import read_events
+from conftest import expected_compute_dtype
 from tiny import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def adapter_of(path: Path) -> dict:
     return {k: np.array(v) for k, v in mx.load(str(path / "adapters.safetensors")).items()}
 
 
-def test_run_writes_the_run_directory(workdir, capsys):
+def test_run_writes_the_run_directory(workdir, capsys, profile):
     run_dir = workdir / "run"
     code, out = run_cli(["run", str(workdir / "config.yaml"), "--run-dir", str(run_dir)], capsys)
     assert code == 0, out.err
@@ -74,6 +75,13 @@ def test_run_writes_the_run_directory(workdir, capsys):
     start = events[0]
     for key in ("config", "trainable_params", "total_params", "backend", "planned_peak_gb"):
         assert key in start
+    assert start["profile"] == profile
+    assert start["compute_dtype"] == expected_compute_dtype(profile)
+    # Adapters and optimizer state in float32 whatever the compute dtype (as mlx-lm).
+    for name in ("adapters/adapters.safetensors", "checkpoints/step-12/optimizer.safetensors"):
+        dtypes = {v.dtype for v in mx.load(str(run_dir / name)).values()
+                  if mx.issubdtype(v.dtype, mx.floating)}
+        assert dtypes == {mx.float32}, (name, dtypes)
     trains = [e for e in events if e["event"] == "train"]
     assert [e["step"] for e in trains] == [2, 4, 6, 8, 10, 12]
     for e in trains:
@@ -106,7 +114,7 @@ def _cli_process(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(workdir, capsys):
+def test_resume_after_sigkill_matches_uninterrupted_run(workdir, capsys, profile):
     config = _config_with(workdir, iters=60, save_every=5, eval_every=0, log_every=5,
                           learning_rate=5e-3)
     ref_dir = workdir / "ref"

@@ -111,12 +111,12 @@ def dense_bytes(model: nn.Module, dtype: mx.Dtype) -> int:
 
 
 def should_densify(model: nn.Module, setting, dtype: mx.Dtype) -> bool:
-    """eval.dense_base: true / false as given; auto: on the CPU backend (where quantized
+    """eval.dense_base: true / false as given; auto: on the CPU profile (where quantized
     weights are dequantized for every product anyway) when the copy takes under a quarter
     of the machine's memory."""
     if setting is True or setting is False:
         return setting and quant.is_quantized(model)
-    if backend.name() != "cpu" or not quant.is_quantized(model):
+    if backend.profile() != "cpu" or not quant.is_quantized(model):
         return False
     return dense_bytes(model, dtype) < backend.system_memory_bytes() / 4
 

@@ -58,7 +58,7 @@ def this_machine(usable_gb: float | None = None) -> Machine:
 
     from mlxtune import backend
 
-    name = backend.name()
+    name = backend.plan_backend()
     if usable_gb is not None:
         return Machine("this machine", name, int(usable_gb * 1e9), "given")
     info = backend.device_info()

@@ -164,8 +164,11 @@ def prepare(model: nn.Module, config: dict, cfg: ModelConfig) -> None:
             quant.quantize_dense(model, bits=q.bits, group_size=q.group_size)
             config["quantization"] = {"group_size": q.group_size, "bits": q.bits,
                                       "mode": "affine"}
-    quant.cast_floats(model, backend.compute_dtype(cfg.dtype))
-    if backend.name() == "cpu":
+    dtype = backend.compute_dtype(cfg.dtype)
+    quant.cast_floats(model, dtype)
+    if backend.profile() == "cpu":
         quant.use_cpu_path(model)
+    else:  # MLX's quantized layers, their output in the compute dtype
+        quant.keep_compute_dtype(model, dtype)
     model.freeze()
     mx.eval(model.parameters())

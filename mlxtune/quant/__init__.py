@@ -143,18 +143,72 @@ def use_cpu_path(model: nn.Module) -> int:
     return n
 
 
-def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Cast every floating-point parameter (weights, norms, affine scales and biases) to
-    `dtype`; packed integer weights are left alone, and so is the packed state of our own
-    formats (its float parts are part of the format; those layers compute in `dtype`)."""
-    from mlx.utils import tree_map
+def _lossless(src: mx.Dtype, dst: mx.Dtype) -> bool:
+    return src == dst or dst == mx.float32
 
-    def cast(p):
-        return p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p
+
+def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast every floating-point parameter (weights, norms) to `dtype`; packed integer
+    weights are left alone, and so is the packed state of our own formats (its float parts
+    are part of the format; those layers compute in `dtype`). The scales and biases of
+    MLX's affine layers are part of the quantized weight: they are cast only where that is
+    exact (to float32), never rounded (a GGUF's float16 scales through bfloat16 would make
+    a model that computes another function than the file llama.cpp serves); such layers
+    then compute in the wider dtype and return `dtype` (`keep_compute_dtype`)."""
+    from mlx.utils import tree_flatten, tree_unflatten
 
     for _, m in model.named_modules():
         if isinstance(m, (QuantLinear, QuantEmbedding)):
             m.dtype = dtype
     own = {id(m[k]) for _, m in model.named_modules()
            if isinstance(m, (QuantLinear, QuantEmbedding)) for k in m if k != "bias"}
-    model.update(tree_map(lambda p: p if id(p) in own else cast(p), model.parameters()))
+    affine = {id(m[k]) for _, m in model.named_modules()
+              if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+              for k in ("scales", "biases") if k in m}
+
+    def cast(p):
+        if id(p) in own or not mx.issubdtype(p.dtype, mx.floating):
+            return p
+        if id(p) in affine and not _lossless(p.dtype, dtype):
+            return p
+        return p.astype(dtype)
+
+    model.update(tree_unflatten([(k, cast(v)) for k, v in tree_flatten(model.parameters())]))
+
+
+class ComputeDtypeLinear(nn.QuantizedLinear):
+    """A QuantizedLinear (MLX's own kernels, forward and backward) whose scales are wider
+    than the compute dtype: MLX computes the product in the wider dtype, and the output is
+    returned in the input's dtype, as if the layer computed in it."""
+
+    def __call__(self, x):
+        return super().__call__(x).astype(x.dtype)
+
+
+class ComputeDtypeEmbedding(nn.QuantizedEmbedding):
+    """A QuantizedEmbedding that returns rows (and, tied, logits) in the compute dtype
+    rather than its scales' dtype."""
+
+    def __call__(self, x):
+        return super().__call__(x).astype(self.compute_dtype)
+
+    def as_linear(self, x):
+        return super().as_linear(x).astype(x.dtype)
+
+
+def keep_compute_dtype(model: nn.Module, dtype: mx.Dtype) -> int:
+    """On the GPU path (MLX's quantized layers as they are), make the affine layers whose
+    scales are not in `dtype` return `dtype`. Their type stays a subclass of MLX's, so
+    isinstance checks and the saved layout are unchanged. Returns the layers switched."""
+    n = 0
+    for _, m in model.named_modules():
+        if "scales" not in m or m["scales"].dtype == dtype:
+            continue
+        if type(m) is nn.QuantizedLinear:
+            m.__class__ = ComputeDtypeLinear
+            n += 1
+        elif type(m) is nn.QuantizedEmbedding:
+            m.__class__ = ComputeDtypeEmbedding
+            m.compute_dtype = dtype
+            n += 1
+    return n

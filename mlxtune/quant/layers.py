@@ -19,9 +19,11 @@ from mlxtune.quant import layouts
 
 
 def _backend() -> str:
+    """'cpu' for the dequantize-then-BLAS path (the CPU profile), else 'gpu': our kernels'
+    dispatch (on a CPU under the GPU profile, served by their reference at the launch)."""
     from mlxtune import backend
 
-    return backend.name()
+    return backend.profile()
 
 
 def _packed(layer) -> tuple:

@@ -35,9 +35,9 @@ def usable_cores() -> int:
 
 
 def resolve(requested: int) -> int:
-    """How many streams a step uses: `requested` on the CPU backend, else 1 (GPU kernels
-    are parallel already)."""
-    return requested if backend.name() == "cpu" else 1
+    """How many streams a step uses: `requested` on the CPU profile, else 1 (GPU kernels
+    are parallel already; the GPU profile does as a GPU does)."""
+    return requested if backend.profile() == "cpu" else 1
 
 
 def streams(n: int) -> list:

@@ -4,6 +4,7 @@ MLX's own autodiff of mx.fast.scaled_dot_product_attention (gradients)."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mlxtune import _blas, attention, forward, native
 
@@ -166,3 +167,205 @@ def test_a_failed_build_is_reported_and_leaves_no_module(tmp_path, monkeypatch):
     # remembered: the next call says so at once instead of compiling again
     with pytest.raises(native.BuildError, match="earlier build failed"):
         native.build()
+
+
+# ---------------------------------------------------------------- memory and streams
+
+
+def test_scratch_memory_counts_in_mlx_peak(native_kernels):
+    """The kernel's scratch (a block of 128 queries' scores over every key, per worker) is
+    taken from MLX's allocator, so MLX's peak memory includes it: at L = 2,048 that is
+    ~1 MB, far more than the output (64 KB) and log-sum-exp (8 KB) of one head. Were it
+    std::vector memory, the peak would rise by the outputs alone."""
+    length, d = 2048, 8
+    q, k, v = (mx.array(a) for a in _qkv(10, 1, 1, 1, length, d))
+    mx.eval(q, k, v)
+    block = 128
+    for direction in ("forward", "backward"):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        if direction == "forward":
+            out = native_kernels.causal_attention(q, k, v, 0.5, None)
+            results = [out]
+            # o and lse, plus one worker's scores and 1 / sums
+            floor = out.nbytes + 4 * length + 4 * block * (length + 1)
+        else:
+            results = mx.grad(lambda q: native_kernels.causal_attention(q, k, v, 0.5,
+                                                                        None).sum())(q)
+            # dq alone, plus one worker's probabilities, their gradient and delta
+            floor = results.nbytes + 4 * (2 * block * length + length)
+        mx.eval(results)
+        assert mx.get_peak_memory() - base >= floor, direction
+
+
+def test_cross_entropy_scratch_counts_in_mlx_peak(native_kernels):
+    """The loss's chunk of logits (256 positions x the vocabulary) comes from MLX's
+    allocator too: 4 MB for a 4,096-word vocabulary, beside a 1 KB loss."""
+    n, d, vocab = 256, 8, 4096
+    rng = np.random.default_rng(11)
+    h = mx.array(rng.standard_normal((n, d)).astype(np.float32))
+    w = mx.array(rng.standard_normal((vocab, d)).astype(np.float32))
+    targets = mx.array(rng.integers(0, vocab, n).astype(np.int32))
+    active = mx.ones((n,), mx.bool_)
+    mx.eval(h, w, targets, active)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(native_kernels.cross_entropy(h, w, targets, active, False))
+    assert mx.get_peak_memory() - base >= 4 * n * vocab
+
+
+def test_concurrent_streams_keep_the_blas_threads_and_the_results(native_kernels):
+    """train.cpu_streams > 1: each group's kernels run on its own stream's thread, at the
+    same time. OpenBLAS's thread count is one number for the process; each parallel loop
+    used to set it to 1 and put back what it had read, so one that started while another
+    held 1 put back 1 and left every later matmul single-threaded. Now they share one hold
+    (common.h's BlasHold): the count after is the count before, and each stream's result
+    is the one a single stream computes."""
+    if _blas.threads() is None:
+        pytest.skip("not OpenBLAS: no thread count to keep")
+    before = _blas.threads()
+    _blas.set_threads(2)  # two workers per kernel, so each kernel takes the hold
+    try:
+        inputs = [tuple(mx.array(a) for a in _qkv(20 + i, 2, 4, 2, 300, 16)) for i in range(2)]
+
+        def step(q, k, v):
+            return mx.value_and_grad(lambda q, k, v: (native_kernels.causal_attention(
+                q, k, v, 0.25, None) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+
+        alone = [step(*x) for x in inputs]
+        mx.eval(alone)
+        pair = [mx.new_stream(mx.cpu) for _ in range(2)]
+        for _ in range(12):
+            results = []
+            for stream, x in zip(pair, inputs):
+                with mx.stream(stream):
+                    results.append(step(*x))
+            mx.eval(results)  # both streams' kernels at once
+            assert _blas.threads() == 2
+            for got, want in zip(results, alone):
+                for a, b in zip(tree_flatten(got), tree_flatten(want)):
+                    np.testing.assert_array_equal(np.array(a[1]), np.array(b[1]))
+    finally:
+        _blas.set_threads(before)
+
+
+def test_overlapping_holds_put_the_count_back_once(native_kernels):
+    """The interleaving two streams' kernels can have: A starts, B starts, A ends, B ends.
+    Before the shared hold, B read A's 1 as "the count before" and put it back last (every
+    later matmul single-threaded), and A's end gave B's still-running single-threaded
+    loops a multi-threaded BLAS again. Now the count is 1 from A's start to B's end, the
+    loops are sized by the run's count throughout, and it is put back once."""
+    if _blas.threads() is None:
+        pytest.skip("not OpenBLAS: no thread count to keep")
+    before = _blas.threads()
+    _blas.set_threads(2)
+    try:
+        a, b = native_kernels._BlasHold(), native_kernels._BlasHold()
+        a.__enter__()
+        assert _blas.threads() == 1 and native_kernels._blas_count() == 2
+        b.__enter__()
+        a.__exit__(None, None, None)
+        assert _blas.threads() == 1 and native_kernels._blas_count() == 2
+        b.__exit__(None, None, None)
+        assert _blas.threads() == 2 and native_kernels._blas_count() == 2
+    finally:
+        _blas.set_threads(before)
+
+
+# ---------------------------------------------------------------- build status
+
+
+FAKE_CXX = """#!/bin/sh
+# A compiler that always fails; its --version line comes from FAKE_CXX_VERSION.
+if [ "$1" = "--version" ]; then echo "fakecc ${FAKE_CXX_VERSION:-1.0}"; exit 0; fi
+echo "$*" >> "$FAKE_CXX_CALLS"
+echo "In file included from somewhere.h:1:"
+echo "attention.cpp:1:1: error: this compiler always fails"
+exit 1
+"""
+
+
+@pytest.fixture
+def fresh_native(tmp_path, monkeypatch):
+    """mlxtune.native as a new process finds it, with its cache in tmp_path; this
+    process's real outcome (the loaded module) is put back afterwards."""
+    saved = (native._module, native._settled, dict(native.state), dict(native._identities))
+    monkeypatch.setenv("MLXTUNE_NATIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLXTUNE_NATIVE", raising=False)
+    monkeypatch.delenv("MLXTUNE_PROFILE", raising=False)
+    native.reset()
+    yield tmp_path
+    native._module, native._settled = saved[0], saved[1]
+    native.state.clear()
+    native.state.update(saved[2])
+    native._identities.clear()
+    native._identities.update(saved[3])
+
+
+def _fake_compiler(folder, monkeypatch):
+    cxx = folder / "fake-c++"
+    cxx.write_text(FAKE_CXX)
+    cxx.chmod(0o755)
+    calls = folder / "calls"
+    calls.write_text("")
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("FAKE_CXX_CALLS", str(calls))
+    return calls
+
+
+def _compiles(calls):
+    return len(calls.read_text().splitlines())
+
+
+@pytest.mark.skipif(not native.sys.platform.startswith("linux"), reason="built on Linux only")
+def test_a_failed_build_is_one_line_and_retried_under_a_new_key(fresh_native, monkeypatch):
+    pytest.importorskip("nanobind")
+    calls = _fake_compiler(fresh_native, monkeypatch)
+    line = native.status_line()
+    log = native.module_path().parent / "build.log"
+    assert line == ("CPU kernels: MLX's ops (native build failed: attention.cpp:1:1: error: "
+                    f"this compiler always fails; log at {log})")
+    assert "\n" not in line and log.exists() and native.load() is None
+    first = _compiles(calls)
+    assert first > 0
+
+    # The next run (a new process) with the same MLX and compiler: told at once, no compile.
+    native.reset()
+    assert native.status_line() == line
+    assert _compiles(calls) == first
+
+    # The compiler upgraded in place (same path, new --version): a new key, built again.
+    old_key = native._key()
+    native.reset()
+    native._identities.clear()
+    monkeypatch.setenv("FAKE_CXX_VERSION", "2.0")
+    assert native._key() != old_key
+    assert "native build failed" in native.status_line()
+    assert _compiles(calls) > first
+
+    # So does another MLX or nanobind version (each part of the key counts).
+    real_version = native.importlib.metadata.version
+    for package in ("mlx", "nanobind"):
+        monkeypatch.setattr(native.importlib.metadata, "version",
+                            lambda name, _p=package: "99.0" if name == _p else real_version(name))
+        assert native._key() != old_key
+        monkeypatch.setattr(native.importlib.metadata, "version", real_version)
+
+
+def test_the_status_line_names_the_path_and_why(native_kernels, fresh_native, monkeypatch):
+    native.reset()
+    monkeypatch.setenv("MLXTUNE_NATIVE", "0")
+    assert native.status_line() == "CPU kernels: MLX's ops (MLXTUNE_NATIVE=0)"
+    monkeypatch.setenv("MLXTUNE_PROFILE", "gpu")
+    monkeypatch.delenv("MLXTUNE_NATIVE")
+    assert native.status_line().startswith("CPU kernels: not used (MLXTUNE_PROFILE=gpu")
+    monkeypatch.delenv("MLXTUNE_PROFILE")
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.status_line() == "CPU kernels: MLX's ops (no C++ compiler (install g++))"
+
+
+def test_the_status_line_of_a_loaded_build(native_kernels):
+    line = native.status_line()
+    assert line == f"CPU kernels: native ({native.state['loaded']})"

@@ -13,6 +13,13 @@ of the same rows alive at once as when the batch runs whole.
 Measured (docs/performance.md): faster where elementwise work dominates (short rows), but
 slower and with a higher peak on SmolLM2 at 4 x 1,024 tokens, where single-threaded BLAS
 calls lose more than the elementwise ops gain; so it is off (1) unless asked for.
+
+mlxtune.native's kernels are safe here: each group's kernels are built on its group's
+stream (the one `mx.stream` makes the default), and their parallel loops, which hold
+OpenBLAS single-threaded while they run, share one process-wide hold (native/common.h's
+BlasHold): the first in sets 1, the last out puts back the count set below, so streams
+running kernels at once neither leave OpenBLAS at 1 thread nor hand a running loop a
+multi-threaded BLAS (tests/test_native_attention.py).
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from tiny import build_model, model_args
 
 RANK, ALPHA = 4, 8.0
 STEPS, LR = 3, 1e-2
+EPS32 = float(np.finfo(np.float32).eps)  # 1.19e-7
+BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # mlx.optimizers.Adam's defaults, used by both runs
 
 
 def batch(vocab: int, lengths: list[int], offsets: list[int]):
@@ -46,6 +48,34 @@ def mlx_lm_mask(tokens: mx.array, spans: mx.array) -> mx.array:
 
 def adapter_state(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+
+def as_numpy(grads) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(grads)}
+
+
+def adam_error_bound(grads: list[np.ndarray], deltas: list[float]) -> np.ndarray:
+    """Per element, how far STEPS of MLX's Adam (no bias correction: u_t = m_t / (sqrt(v_t)
+    + eps)) can move a parameter when each step's gradient is off by at most deltas[k]:
+    LR * sum over t, k of |du_t / dg_k| * deltas[k], first order, float64. The derivative
+    is taken with each |g_k| shrunk towards 0 by deltas[k], where it is steepest: a
+    gradient near 0 sits where sqrt(1 - beta2) |g| ~ eps and u turns from -1/sqrt(1 -
+    beta2) to +1/sqrt(1 - beta2) within a few eps; there du/dg reaches (1 - beta1) / eps =
+    1e7, so a rounding of 1e-8 moves the parameter by 0.1 LR, and a gradient within
+    rounding of 0 gets no real bound (its sign is the CPU's)."""
+    b1, b2 = BETAS
+    g = [np.sign(x) * np.maximum(np.abs(x.astype(np.float64)) - d, 0.0)
+         for x, d in zip(grads, deltas)]
+    total = np.zeros_like(g[0])
+    for t in range(len(g)):
+        m = sum((1 - b1) * b1 ** (t - k) * g[k] for k in range(t + 1))
+        root = np.sqrt(sum((1 - b2) * b2 ** (t - k) * g[k] ** 2 for k in range(t + 1)))
+        for k in range(t + 1):
+            via_m = (1 - b1) * b1 ** (t - k) / (root + ADAM_EPS)
+            via_v = (np.abs(m) * (1 - b2) * b2 ** (t - k) * np.abs(g[k])
+                     / (np.maximum(root, 1e-300) * (root + ADAM_EPS) ** 2))
+            total += (via_m + via_v) * deltas[k]
+    return LR * total
 
 
 # "native": mlxtune.native's attention and loss kernels (the CPU default where they are
@@ -75,12 +105,13 @@ def test_lora_steps_equal_mlx_lm(chunk, kernels, monkeypatch):
     initial = adapter_state(reference)
     ref_opt = optim.Adam(learning_rate=LR)
     ref_step = nn.value_and_grad(reference, default_loss)
-    ref_losses = []
+    ref_losses, ref_grads = [], []
     for _ in range(STEPS):
         (loss, _), grads = ref_step(reference, tokens, spans)
         ref_opt.update(reference, grads)
         mx.eval(reference.parameters(), ref_opt.state)
         ref_losses.append(loss.item())
+        ref_grads.append(as_numpy(grads))
 
     # mlxtune: its LoRA layers from the same initial values, its loss and attention.
     model = build_model(args, seed=1)
@@ -98,22 +129,53 @@ def test_lora_steps_equal_mlx_lm(chunk, kernels, monkeypatch):
         return s / n
 
     step = nn.value_and_grad(model, loss_fn)
-    losses = []
+    losses, our_grads = [], []
     for _ in range(STEPS):
         loss, grads = step(model, tokens, mask)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state)
         losses.append(loss.item())
+        our_grads.append(as_numpy(grads))
 
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    # The tolerances follow from float32 rounding, not from one CPU's: another CPU's BLAS
+    # kernels and SIMD width sum in another order (an AVX-512 Xeon missed the old 1e-4 on
+    # the adapter by 1.8x; OPENBLAS_CORETYPE=Prescott reproduces it here). Every gradient
+    # and loss is a sum over the batch's N positions whose roundings add as a random walk:
+    # ~sqrt(N) * eps32 relative to the largest term. Measured with OpenBLAS's Cooperlake,
+    # SkylakeX, Haswell, Sandybridge and Prescott kernels, native and composed: the step-1
+    # gradients differ by 0.6-0.9 of sqrt(N) * eps32 times the largest gradient; 4x that
+    # is the bound (a wrong loss or attention is off by O(1) of it).
+    n = tokens.size
+    rounding = 4 * np.sqrt(n) * EPS32  # 1.2e-5 for N = 603
+    np.testing.assert_allclose(losses, ref_losses, rtol=rounding)
     ours, theirs = adapter_state(model), adapter_state(reference)
     assert ours.keys() == theirs.keys() and len(ours) == 2 * len(keys) * args["num_hidden_layers"]
     moved = max(np.abs(theirs[k] - initial[k]).max() for k in theirs)
     assert moved > 10 * LR * 0.1  # the steps did change the adapter
-    # Adam turns float32 rounding in a near-zero gradient into up to ~1e-5 of a step of
-    # ~LR: the tolerance is 1% of a step. A loss on other tokens misses it by ~LR.
+    deltas = {}
     for k in theirs:
-        np.testing.assert_allclose(ours[k], theirs[k], atol=LR * 1e-2, rtol=0, err_msg=k)
+        scale = [float(np.abs(g[k]).max()) for g in ref_grads]
+        diff = [float(np.abs(o[k] - r[k]).max()) for o, r in zip(our_grads, ref_grads)]
+        # Step 1 starts from the same adapter: its gradients differ by rounding alone.
+        assert diff[0] <= rounding * scale[0], (k, diff[0], scale[0])
+        # Later steps start from adapters already apart by what Adam made of step 1's
+        # rounding (below), so their gradients differ by more (measured <= 1.1e-4 of the
+        # largest): those measured differences feed the bound, and must stay small.
+        assert all(d <= 1e-3 * s for d, s in zip(diff[1:], scale[1:])), (k, diff, scale)
+        deltas[k] = [max(d, rounding * s) for d, s in zip(diff, scale)]
+    # The adapters then agree within what Adam makes of those gradient differences, per
+    # element (adam_error_bound), doubled for its first-order form and the steps' effect
+    # on one another. Measured: at most 0.21 of that bound on the five core types. The
+    # bound's median is 0.2-0.3% of a step (LR) and it is under 10% of one for 99% of the
+    # elements; it is loose only for gradients within rounding of 0, whose Adam step has
+    # no determined sign on any CPU.
+    tolerance = {k: 2 * adam_error_bound([g[k] for g in ref_grads], deltas[k]) for k in theirs}
+    bounds = np.concatenate([t.ravel() for t in tolerance.values()])
+    # The bound still tells a wrong step (off by ~LR) apart on nearly every element.
+    assert np.median(bounds) < LR * 1e-2 and (bounds < LR * 0.1).mean() > 0.95
+    for k in theirs:
+        np.testing.assert_array_less(np.abs(ours[k] - theirs[k]), tolerance[k] + 1e-12,
+                                     err_msg=k)
 
 
 @pytest.mark.parametrize("kernels", ["native", "composed"])

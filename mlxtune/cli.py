@@ -65,17 +65,37 @@ def run(config_path, overrides, run_dir, resume, quiet, no_eval, ignore_memory_p
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-def doctor(as_json):
+@click.option("--kernels", "run_kernels", is_flag=True,
+              help="Run every quantized-kernel self-check (format x op x dtype x variant) "
+                   "and print a table; exit status 1 if any fails. Without a GPU, each "
+                   "kernel's source runs through the C++ shim of a source checkout.")
+def doctor(as_json, run_kernels):
     """Backend, device, BLAS, memory and versions."""
-    from mlxtune.doctor import report
+    from mlxtune import doctor as doc
 
-    info = report()
+    notes, records = [], []
+    if run_kernels:
+        notes, records = doc.check_kernels(
+            log=None if as_json else (lambda m: click.echo(m, err=True)))
+    info = doc.report()
     if as_json:
+        if run_kernels:
+            info["kernel checks"] = notes
+            info["kernels"] = records
         click.echo(json.dumps(info, indent=2))
-        return
-    width = max(len(k) for k in info)
-    for k, v in info.items():
-        click.echo(f"{k:<{width}}  {v}")
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            click.echo(f"{k:<{width}}  {v}")
+        if run_kernels:
+            click.echo("")
+            for note in notes:
+                click.echo(note)
+            click.echo("")
+            for line in doc.kernel_table(records):
+                click.echo(line)
+    if any(r["status"] in ("mismatch", "error") for r in records):
+        sys.exit(1)
 
 
 @cli.command("eval")

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,9 +352,16 @@ def check_problem(fmt: str, op: str, dtype: str, lora: bool, transpose: bool):
 
 
 def _one_line(message: str) -> str:
+    """A record's message as one short line: a compiler's first `error:` diagnostic (its
+    file:line:col dropped) after the exception's name, else the first line."""
     lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
-    pick = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "")
-    return pick if len(pick) <= 200 else pick[:197] + "..."
+    if not lines:
+        return ""
+    pick = lines[0]
+    diagnostic = next((ln for ln in lines[1:] if re.search(r"\berror:", ln)), None)
+    if diagnostic:
+        pick = f"{pick.split(':')[0]}: " + re.sub(r"^\S*:\d+:\d+:\s*", "", diagnostic)
+    return pick if len(pick) <= 240 else pick[:237] + "..."
 
 
 def self_check(fmt: str, op: str, dtype: str, lora: bool, transpose: bool, backend: str,

@@ -18,6 +18,36 @@ if [ "$(uname -s)" = "Linux" ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq g++ >/dev/null
   fi
+  # The Metal sources are compiled by clang++ with Metal's address spaces kept
+  # (tests/shim/metal_shim.h); half and bfloat16 are clang's _Float16 and __bf16, which
+  # x86-64 has from clang 17 on. Install clang, and a newer clang-NN where it is older.
+  shim_clang_ok() {
+    local c
+    for c in $(compgen -c | grep -E '^clang\+\+(-[0-9]+)?$' | sort -u); do
+      printf '%s\n' '#define device __attribute__((address_space(1)))' \
+        'template <typename T> void k(const device T* x, device T* y) { y[0] = T(float(x[0]) * 2.0f); }' \
+        'template void k<_Float16>(const device _Float16*, device _Float16*);' \
+        'template void k<__bf16>(const device __bf16*, device __bf16*);' \
+        | "$c" -std=c++17 -x c++ -fsyntax-only - 2>/dev/null && return 0
+    done
+    return 1
+  }
+  if ! shim_clang_ok; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    if ! command -v clang++ >/dev/null; then
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq clang >/dev/null
+    fi
+    if ! shim_clang_ok; then
+      for v in 21 20 19 18 17; do
+        if apt-cache policy "clang-$v" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+          DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "clang-$v" >/dev/null
+          break
+        fi
+      done
+    fi
+    shim_clang_ok || echo "(no clang++ with _Float16 and __bf16: the Metal shim tests will skip)"
+  fi
 fi
 
 PY=${PYTHON:-python3}

@@ -1,5 +1,8 @@
-"""The kernels on a real GPU through MLX (mx.fast.metal_kernel / cuda_kernel): run by
-.github/workflows/metal.yml on Apple Silicon; skipped where MLX has no GPU backend."""
+"""The kernels on a real GPU through MLX (mx.fast.metal_kernel / cuda_kernel), and their
+self-check there: run by .github/workflows/metal.yml on Apple Silicon (where the job fails
+if Metal is unusable); skipped where MLX has no GPU backend."""
+
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -23,7 +26,11 @@ def _gpu() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_gpu() is None, reason="no Metal or CUDA GPU in this MLX")
+# MLXTUNE_REQUIRE_GPU=metal (or cuda): CI on a GPU machine; these tests then fail, rather
+# than skip, where MLX finds no such GPU.
+REQUIRED = os.environ.get("MLXTUNE_REQUIRE_GPU", "").strip().lower()
+pytestmark = pytest.mark.skipif(_gpu() is None and not REQUIRED,
+                                reason="no Metal or CUDA GPU in this MLX")
 
 
 def weights(fmt, rows=96, cols=512, seed=0):
@@ -40,7 +47,10 @@ def weights(fmt, rows=96, cols=512, seed=0):
 
 
 def test_backend_is_the_gpu():
+    assert _gpu() is not None, "MLXTUNE_REQUIRE_GPU is set but MLX finds no Metal or CUDA GPU"
     assert backend.name() == _gpu()
+    if REQUIRED:
+        assert _gpu() == REQUIRED
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "q6_k"])
@@ -62,15 +72,55 @@ def test_kernels_on_the_gpu(fmt, M, transpose, lora):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+EPS = {mx.float16: 2.0 ** -10, mx.bfloat16: 2.0 ** -7}
+
+
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-def test_half_precision_on_the_gpu(dtype):
+@pytest.mark.parametrize("M,transpose,lora", [(6, False, True), (40, False, True),
+                                              (50, True, False)])
+def test_half_precision_on_the_gpu(dtype, M, transpose, lora):
+    """Tolerance: float32 sums of n products in any order (n * 2^-24 * sum|terms|), then
+    rounded to dtype (eps * |y|, eps = 2^-10 or 2^-7), elementwise."""
     arrays, w = weights("nf4")
-    x = np.random.default_rng(1).standard_normal((40, 512)).astype(np.float32)
-    got = kernels.matmul("nf4", mx.array(x).astype(dtype), arrays)
+    rng = np.random.default_rng(1)
+    xm = mx.array(rng.standard_normal((M, 96 if transpose else 512)).astype(np.float32)).astype(dtype)
+    x = np.array(xm.astype(mx.float32), np.float64)
+    wt = w if transpose else w.T
+    expected, size, n = x @ wt, np.abs(x) @ np.abs(wt), x.shape[1]
+    args = None
+    if lora:
+        xa = mx.array(rng.standard_normal((M, 8)).astype(np.float32)).astype(dtype)
+        lb = mx.array((rng.standard_normal((8, 96)) * 0.1).astype(np.float32)).astype(dtype)
+        args = (xa, lb, mx.array([1.5], mx.float32))
+        xa64, lb64 = (np.array(a.astype(mx.float32), np.float64) for a in (xa, lb))
+        expected, size, n = expected + 1.5 * xa64 @ lb64, size + 1.5 * np.abs(xa64) @ np.abs(lb64), n + 8
+    got = kernels.matmul("nf4", xm, arrays, transpose, args)
     assert got.dtype == dtype
-    expected = x.astype(np.float64) @ w.T
-    np.testing.assert_allclose(np.array(got.astype(mx.float32)), expected, rtol=5e-2,
-                               atol=1e-2 * np.abs(expected).max())
+    got = np.array(got.astype(mx.float32), np.float64)
+    tol = EPS[dtype] * np.abs(expected) + (n + 1) * 2.0 ** -24 * size
+    assert (np.abs(got - expected) <= tol).all(), np.abs(got - expected).max()
+
+
+def test_every_kernel_passes_its_self_check_on_the_gpu():
+    """Every format x dtype x variant, through MLX's kernel API: 'ok', none falls back."""
+    kernels.reset_self_checks()
+    records = kernels.self_check_all()
+    bad = [r for r in records if r["status"] != "ok"]
+    assert not bad, "\n".join(f"{r['kernel']}: {r['status']} {r['message'][:300]}" for r in bad)
+    assert {r["runner"] for r in records} == {"mlx"}
+    assert {r["backend"] for r in records} == {_gpu()}
+
+
+def test_matmul_launches_the_checked_kernel():
+    kernels.reset_self_checks()
+    arrays, w = weights("q6_k")
+    x = np.random.default_rng(3).standard_normal((33, 512)).astype(np.float32)
+    got = np.array(kernels.matmul("q6_k", mx.array(x), arrays))
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w.T, rtol=1e-4,
+                               atol=1e-4 * np.abs(got).max())
+    (record,) = kernels.self_check_results()
+    assert (record["kernel"], record["runner"], record["status"]) == (
+        "mlxtune_qmm_q6_k[float32]", "mlx", "ok")
 
 
 def test_layer_gradients_on_the_gpu():

@@ -114,7 +114,8 @@ def metal_problem() -> str | None:
         return None
     found = shutil.which("clang++")
     if not found:
-        return "no clang++ (the Metal shim needs clang's address spaces; scripts/setup.sh installs it)"
+        return ("no clang++ (the Metal shim needs clang's address spaces; "
+                "scripts/setup.sh installs it)")
     return (f"{found} lacks _Float16 / __bf16 on {platform.machine()} (clang 17+ has them; "
             "scripts/setup.sh installs one)")
 

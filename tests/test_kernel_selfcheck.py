@@ -109,7 +109,8 @@ def test_gpu_profile_takes_the_dispatch_to_the_launch(monkeypatch):
     computes, no kernel is checked or launched; on the CPU profile matmul refuses."""
     seen = []
     prepare, check = kernels.prepare, kernels.check_launch
-    monkeypatch.setattr(kernels, "prepare", lambda *a, **k: seen.append("prepare") or prepare(*a, **k))
+    monkeypatch.setattr(kernels, "prepare",
+                        lambda *a, **k: seen.append("prepare") or prepare(*a, **k))
     monkeypatch.setattr(kernels, "check_launch", lambda s, p: seen.append(s.name) or check(s, p))
     x, arrays, args, want = problem(M=5)
     monkeypatch.setenv("MLXTUNE_PROFILE", "cpu")
@@ -142,7 +143,8 @@ def test_failing_kernel_falls_back_once_with_one_warning(monkeypatch, caplog, mo
     monkeypatch.setenv("MLXTUNE_PROFILE", "gpu")
     runner = Runner(mode)
     x, arrays, args, want = problem(M=40, dtype=mx.bfloat16)
-    with caplog.at_level(logging.WARNING, logger=LOGGER), kernels.use_runner(runner, "metal", "test"):
+    with caplog.at_level(logging.WARNING, logger=LOGGER), \
+            kernels.use_runner(runner, "metal", "test"):
         y1 = kernels.matmul("nf4", x, arrays, lora=args)
         y2 = kernels.matmul("nf4", x, arrays, lora=args)
         other = kernels.matmul("nf4", x[:3], arrays)   # another kernel: its own check
@@ -152,7 +154,8 @@ def test_failing_kernel_falls_back_once_with_one_warning(monkeypatch, caplog, mo
     assert len(warnings) == 2
     line = warnings[0].getMessage()
     assert "\n" not in line and "mlxtune_qmm_nf4_lora[bfloat16]" in line and status in line
-    (record,) = [r for r in kernels.self_check_results() if r["kernel"] == "mlxtune_qmm_nf4_lora[bfloat16]"]
+    (record,) = [r for r in kernels.self_check_results()
+                 if r["kernel"] == "mlxtune_qmm_nf4_lora[bfloat16]"]
     assert record["status"] == status
     assert (record["backend"], record["runner"], record["format"], record["op"],
             record["dtype"], record["lora"], record["transpose"]) == (
@@ -168,7 +171,8 @@ def test_failing_kernel_falls_back_once_with_one_warning(monkeypatch, caplog, mo
 def test_good_kernel_is_launched_after_its_check(monkeypatch, caplog):
     runner = Runner("good")
     x, arrays, args, want = problem("q6_k", M=40, lora=False, transpose=True)
-    with caplog.at_level(logging.WARNING, logger=LOGGER), kernels.use_runner(runner, "cuda", "test"):
+    with caplog.at_level(logging.WARNING, logger=LOGGER), \
+            kernels.use_runner(runner, "cuda", "test"):
         for _ in range(3):
             y = kernels.matmul("q6_k", x, arrays, transpose=True)
     assert runner.calls == ["mlxtune_qmm_q6_k_t"] * 4   # the check, then every call
@@ -209,7 +213,8 @@ def test_summary_is_json_and_checks_a_models_formats_first(monkeypatch):
     with kernels.use_runner(runner, "metal", "test"):
         summary = kernels.self_check_summary(formats=["nf4"], dtype=mx.bfloat16)
     assert len(summary) == len(kernels.VARIANTS)
-    assert {r["dtype"] for r in summary} == {"bfloat16"} and {r["status"] for r in summary} == {"ok"}
+    assert {r["dtype"] for r in summary} == {"bfloat16"}
+    assert {r["status"] for r in summary} == {"ok"}
     assert json.loads(json.dumps(summary)) == summary
     assert set(summary[0]) == {"kernel", "backend", "runner", "format", "op", "dtype", "lora",
                                "transpose", "status", "max_error", "tolerance", "message"}
@@ -301,4 +306,5 @@ def test_doctor_kernels_without_any_runner(monkeypatch):
     out = CliRunner().invoke(cli, ["doctor", "--kernels"])
     assert out.exit_code == 0
     assert "ships with the source tree only" in out.output
-    assert all("no GPU: not run" in ln for ln in out.output.splitlines() if ln.startswith("mlxtune_q"))
+    rows = [ln for ln in out.output.splitlines() if ln.startswith("mlxtune_q")]
+    assert len(rows) == 72 and all("no GPU: not run" in ln for ln in rows)

@@ -83,7 +83,8 @@ def test_half_precision_on_the_gpu(dtype, M, transpose, lora):
     rounded to dtype (eps * |y|, eps = 2^-10 or 2^-7), elementwise."""
     arrays, w = weights("nf4")
     rng = np.random.default_rng(1)
-    xm = mx.array(rng.standard_normal((M, 96 if transpose else 512)).astype(np.float32)).astype(dtype)
+    K = 96 if transpose else 512
+    xm = mx.array(rng.standard_normal((M, K)).astype(np.float32)).astype(dtype)
     x = np.array(xm.astype(mx.float32), np.float64)
     wt = w if transpose else w.T
     expected, size, n = x @ wt, np.abs(x) @ np.abs(wt), x.shape[1]
@@ -93,7 +94,8 @@ def test_half_precision_on_the_gpu(dtype, M, transpose, lora):
         lb = mx.array((rng.standard_normal((8, 96)) * 0.1).astype(np.float32)).astype(dtype)
         args = (xa, lb, mx.array([1.5], mx.float32))
         xa64, lb64 = (np.array(a.astype(mx.float32), np.float64) for a in (xa, lb))
-        expected, size, n = expected + 1.5 * xa64 @ lb64, size + 1.5 * np.abs(xa64) @ np.abs(lb64), n + 8
+        expected = expected + 1.5 * xa64 @ lb64
+        size, n = size + 1.5 * np.abs(xa64) @ np.abs(lb64), n + 8
     got = kernels.matmul("nf4", xm, arrays, transpose, args)
     assert got.dtype == dtype
     got = np.array(got.astype(mx.float32), np.float64)

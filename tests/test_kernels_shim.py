@@ -13,10 +13,10 @@ from mlxtune.quant import formats, kernels, layouts
 
 N_OUT, K_IN = 80, 512      # neither a multiple of the 32 x 32 tile in every direction
 BACKENDS = [
-    pytest.param("metal", marks=pytest.mark.skipif(
-        kernel_shim.metal_problem() is not None, reason=f"Metal shim: {kernel_shim.metal_problem()}")),
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        kernel_shim.cuda_problem() is not None, reason=f"CUDA shim: {kernel_shim.cuda_problem()}")),
+    pytest.param("metal", marks=pytest.mark.skipif(kernel_shim.metal_problem() is not None,
+                                                   reason=f"Metal shim: {kernel_shim.metal_problem()}")),
+    pytest.param("cuda", marks=pytest.mark.skipif(kernel_shim.cuda_problem() is not None,
+                                                  reason=f"CUDA shim: {kernel_shim.cuda_problem()}")),
 ]
 needs_metal_shim = pytest.mark.skipif(kernel_shim.metal_problem() is not None,
                                       reason=f"Metal shim: {kernel_shim.metal_problem()}")

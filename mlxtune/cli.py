@@ -13,7 +13,7 @@ import traceback
 import click
 
 import mlxtune  # noqa: F401  (preloads OpenBLAS before anything imports mlx.core)
-from mlxtune.errors import MlxtuneError
+from mlxtune.errors import ConfigError, MlxtuneError
 
 _SET_HELP = "Override a config key: --set train.iters=50 (repeatable)."
 
@@ -196,10 +196,21 @@ def plan_command(config_path, overrides, ranks, attention, as_json):
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else text(result))
 
 
+def _check_profile() -> None:
+    """A bad MLXTUNE_PROFILE stops every command before anything runs."""
+    from mlxtune import backend
+
+    try:
+        backend.profile()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
+        _check_profile()
         cli.main(args=argv, prog_name="mlxtune", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxtune import adapters, attention, backend, config, data, models, objectives
+from mlxtune import adapters, attention, backend, config, data, models, objectives, quant
 from mlxtune.config import Config, EvalConfig, dump
 from mlxtune.data.batcher import training_batches
 from mlxtune.data.preference import encode_pairs
 from mlxtune.errors import ConfigError, DataError
+from mlxtune.quant import kernels
 from mlxtune.train import checkpoint, distributed
 from mlxtune.train.events import EventWriter, read_events
 from mlxtune.train.loop import PAD_MULTIPLE, Result, Trainer
@@ -186,9 +187,11 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     try:
         info = backend.device_info()
         dtype = backend.dtype_name(backend.compute_dtype(cfg.model.dtype))
+        # Our kernels' first-use self-checks (Metal/CUDA): run before step 1, recorded here.
+        kernel_checks = kernels.self_check_summary(quant.own_formats(model), dtype)
         events.emit("start", config=cfg.to_dict(), trainable_params=trainable,
                     total_params=total, backend=info["backend"], blas=info["blas"],
-                    profile=info["profile"], compute_dtype=dtype,
+                    profile=info["profile"], compute_dtype=dtype, kernels=kernel_checks,
                     planned_peak_gb=None if plan is None else round(plan.peak_gb, 3),
                     model_source=dataclasses.asdict(loaded.source),
                     train_examples=len(train_set.examples),

@@ -582,3 +582,49 @@ def test_llama_cpp_runs_the_fused_gguf_like_the_adapter(smollm2_f32, tmp_path):
     corr, slope = shift_agreement(with_adapter - plain, merged - plain)
     assert corr > 0.9999 and abs(slope - 1) < 0.005, (corr, slope)
     np.testing.assert_allclose(merged, with_adapter, atol=2e-3 * np.abs(plain).max())
+
+
+# -- end to end, under each compute profile -----------------------------------------------
+
+def test_every_export_of_a_trained_run(tmp_path, capsys, profile):
+    """`mlxtune run` on a quantized GGUF base (Q8_0 projections: MLX's quantized layers
+    under the GPU profile, dequantize-then-BLAS under the CPU's), then every export. Each
+    is read back; the merged ones give the adapter's logits (computed here in float32,
+    so the comparison is as tight whichever profile trained the adapter)."""
+    import yaml
+    from gguf import GGMLQuantizationType as T
+
+    from mlxtune.train.events import read_events
+    from tiny import write_jsonl
+
+    base, _, _ = tiny_gguf(tmp_path / "base.gguf", types={"proj": T.Q8_0})
+    write_jsonl(tmp_path / "train.jsonl", [
+        {"messages": [{"role": "user", "content": f"n {i}?"},
+                      {"role": "assistant", "content": f"the number is {i % 5}"}]}
+        for i in range(16)])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "model": {"path": str(base)}, "adapter": {"rank": 4, "alpha": 8},
+        "data": {"train": "train.jsonl", "max_seq_len": 48},
+        "train": {"iters": 4, "batch_size": 4, "learning_rate": 1e-2, "eval_every": 0,
+                  "save_every": 0, "log_every": 2}}))
+    run = tmp_path / "run"
+    main(["run", str(tmp_path / "c.yaml"), "--run-dir", str(run), "-q", "--no-eval"])
+    start = read_events(run)[0]
+    assert start["profile"] == profile
+    assert start["compute_dtype"] == ("bfloat16" if profile == "gpu" else "float32")
+    capsys.readouterr()
+    outs = {}
+    for fmt in ("gguf", "peft", "mlx-fused", "gguf-fused", "ollama"):
+        main(["export", str(run), "--to", fmt, "--outtype", "f32"] if fmt in
+             ("gguf", "mlx-fused", "gguf-fused") else ["export", str(run), "--to", fmt])
+        outs[fmt] = Path(capsys.readouterr().out.strip())
+        assert outs[fmt].exists(), fmt
+    plain, adapted = mlxtune_logits(base, run / "adapters", TOKENS)
+    assert np.abs(adapted - plain).max() > 1e-3  # it trained
+    _, tensors = read_gguf(outs["gguf"])
+    assert any(n.endswith(".lora_a") for n in tensors)
+    assert (outs["peft"] / "adapter_config.json").is_file()
+    assert "ADAPTER" in (outs["ollama"] / "Modelfile").read_text()
+    for fused_path in (outs["gguf-fused"], outs["mlx-fused"]):
+        fused, _ = mlxtune_logits(fused_path, None, TOKENS)
+        np.testing.assert_allclose(fused, adapted, atol=2e-4, rtol=1e-4)

@@ -27,6 +27,13 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QUANTIZED_TYPES) for _, m in model.named_modules())
 
 
+def own_formats(model: nn.Module) -> list[str]:
+    """Our formats ('nf4', 'q6_k') that `model`'s layers hold, each once: the kernels it
+    dispatches to on Metal/CUDA."""
+    return sorted({m.format for _, m in model.named_modules()
+                   if isinstance(m, (QuantLinear, QuantEmbedding))})
+
+
 def linear_geometry(linear: nn.Module) -> tuple[int, int, mx.Dtype]:
     """(output dims, input dims, floating dtype) of any linear layer we may wrap."""
     if isinstance(linear, QuantLinear):

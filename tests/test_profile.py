@@ -156,7 +156,8 @@ def test_attention_goes_to_mlx_under_the_gpu_profile(tiny_model_dir, monkeypatch
         calls.clear()
         mx.eval(model(long))
         assert bool(calls) is routed, profile
-        assert attention.skips_other_examples(model, mx.float32) is False or routed
+        if profile == "gpu":  # a GPU's attention computes a packed row's every pair
+            assert attention.skips_other_examples(model, mx.float32) is False
 
 
 def test_densified_generation_only_on_the_cpu_profile(tiny_quantized_model_dir, monkeypatch):

@@ -206,6 +206,44 @@ def _check_profile() -> None:
         raise ConfigError(str(e)) from None
 
 
+@cli.command("data")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (splits, duplicates, "
+              "leakage, conflicts, ...).")
+@click.option("--fix", "fix_dir", type=click.Path(file_okay=False), metavar="OUT_DIR",
+              help="Write a cleaned copy (train without copies of held-out examples or "
+                   "exact duplicates) and OUT_DIR/config.yaml training on it; OUT_DIR must "
+                   "be new or empty.")
+def data_command(config_path, overrides, as_json, fix_dir):
+    """Leakage, duplicates, conflicts and truncation in the data CONFIG trains on (same
+    files, split, template and max_seq_len as a run). Exit 0 when clean, 1 when it finds
+    leakage, conflicts or empty answers, 2 on bad input."""
+    from mlxtune import config
+    from mlxtune.datacheck import check
+    from mlxtune.datacheck.fix import fix
+    from mlxtune.datacheck.report import text
+
+    cfg = config.load(config_path, list(overrides))
+    say = (lambda m: click.echo(f"mlxtune data: {m}", err=True)) \
+        if sys.stderr.isatty() and not as_json else None
+    result = check(cfg, progress=say)
+    if fix_dir:
+        result.data["fix"] = fix(result, cfg, fix_dir)
+    if as_json:
+        click.echo(json.dumps(result.data, indent=2, ensure_ascii=False))
+    else:
+        click.echo(text(result.data))
+        if fix_dir:
+            done = result.data["fix"]
+            kept = ", ".join(f"{n:,} {s}" for s, n in done["written"].items())
+            gone = ", ".join(f"{n:,} {why.replace('_', ' ')}"
+                             for why, n in done["dropped"].items() if n) or "nothing"
+            click.echo(f"--fix: {kept} written to {done['out_dir']} (dropped: {gone}); "
+                       f"train on it with: mlxtune run {done['config']}")
+    sys.exit(result.exit_code)
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv

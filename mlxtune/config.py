@@ -70,6 +70,49 @@ class SplitConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    # Which column of a table (Hugging Face dataset, parquet, csv, json) holds each field
+    # of a record; unset fields keep their own names. A list joins several text columns
+    # with a blank line (prompt: [instruction, input]).
+    messages: Optional[str] = None
+    prompt: list[str] = field(default_factory=list)
+    completion: Optional[str] = None
+    text: Optional[str] = None
+    chosen: Optional[str] = None
+    rejected: Optional[str] = None
+
+
+@dataclass
+class HubSplitsConfig:
+    # The dataset's split (or split expression, e.g. "train[:90%]") for each of ours;
+    # None: found by name (validation / valid / val / dev -> valid). Without a valid and a
+    # test split, data.split divides train.
+    train: Optional[str] = None
+    valid: Optional[str] = None
+    test: Optional[str] = None
+
+
+@dataclass
+class HubConfig:
+    # A Hugging Face dataset, read with the `datasets` library (pip install 'mlxtune[hub]');
+    # offline (HF_HUB_OFFLINE=1) from the local cache.
+    id: Optional[str] = None
+    config: Optional[str] = None  # the dataset's configuration (subset) name
+    revision: Optional[str] = None
+    splits: HubSplitsConfig = field(default_factory=HubSplitsConfig)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+
+
+@dataclass
+class DedupConfig:
+    # `mlxtune data`: two examples are near-duplicates when the Jaccard similarity of
+    # their word shingles (after normalising case, whitespace and punctuation) is at least
+    # `threshold` (found with MinHash + LSH, confirmed exactly).
+    threshold: float = field(default=0.8, metadata={"min": 0.3, "max": 1.0})
+    shingle: int = field(default=3, metadata={"min": 1, "max": 10})  # words per shingle
+
+
+@dataclass
 class DataConfig:
     train: Optional[str] = None
     valid: Optional[str] = None
@@ -77,6 +120,12 @@ class DataConfig:
     # One file split by `split` instead of train/valid/test files.
     path: Optional[str] = None
     split: SplitConfig = field(default_factory=SplitConfig)
+    # A Hugging Face dataset instead of files (its splits, or one split divided by `split`).
+    hub: Optional[HubConfig] = None
+    # Column names for parquet / csv / json files (as data.hub.columns for the hub).
+    columns: Optional[ColumnsConfig] = None
+    # Near-duplicates for `mlxtune data` (None: DedupConfig's defaults).
+    dedup: Optional[DedupConfig] = None
     max_seq_len: int = field(default=1024, metadata={"min": 8})
     # Loss on completion / assistant tokens only. None: on for chat and completions data.
     mask_prompt: Optional[bool] = None
@@ -352,9 +401,17 @@ def _check(cfg: Config, where: str) -> None:
     if d.path and (d.train or d.valid or d.test):
         raise ConfigError(f"{where}: data.path: give either data.path (one file split by "
                           "data.split) or data.train/valid/test files, not both")
-    if not d.path and not d.train:
-        raise ConfigError(f"{where}: data.train: no training data (set data.train, or "
-                          "data.path with data.split)")
+    if d.hub is not None:
+        if d.path or d.train or d.valid or d.test:
+            given = "data.path" if d.path else "data.train/valid/test"
+            raise ConfigError(f"{where}: data.hub: give either data.hub (a Hugging Face "
+                              f"dataset) or {given}, not both")
+        if not d.hub.id or not str(d.hub.id).strip():
+            raise ConfigError(f"{where}: data.hub.id: the dataset's id is required (e.g. "
+                              "HuggingFaceH4/no_robots)")
+    elif not d.path and not d.train:
+        raise ConfigError(f"{where}: data.train: no training data (set data.train, "
+                          "data.path with data.split, or data.hub)")
     if d.path and d.split.valid + d.split.test >= 1.0:
         raise ConfigError(f"{where}: data.split: valid + test must leave data for training")
     t = cfg.train

@@ -1,6 +1,7 @@
-"""JSONL files -> validated records.
+"""Data files -> validated records.
 
-Every line is checked before anything is tokenized, and the first problem is reported as
+JSONL files are read here; parquet, csv and json tables and Hugging Face datasets come
+through ``mlxtune.data.hub`` as rows and are validated the same way (``validate``). Every line is checked before anything is tokenized, and the first problem is reported as
 one line, ``file:line: reason``, which is what the CLI prints. Three record shapes are
 accepted (mlx-lm's): chat (``messages``), completions (``prompt`` + ``completion``) and
 text (``text``), plus TRL's preference pairs (``prompt`` + ``chosen`` + ``rejected``, as
@@ -17,6 +18,12 @@ from pathlib import Path
 
 from mlxtune.errors import DataError
 
+
+class EmptyAnswer(DataError):
+    """A record whose answer is empty or whitespace: nothing to learn from. A run stops on
+    the first; `mlxtune data` lists them all (read_records with `skipped`)."""
+
+
 FORMATS = ("chat", "completions", "text", "preference")
 ROLES = ("system", "user", "assistant", "tool")
 # The keys that make a record one format or another.
@@ -30,26 +37,64 @@ class Record:
     source: str  # "path/to/file.jsonl:LINE" (1-based)
 
 
-def read_records(path) -> tuple[list[Record], str]:
-    """Read and validate a JSONL file; return its records and their format."""
+TABLE_SUFFIXES = (".parquet", ".csv", ".json")
+
+
+def read_records(path, columns=None, skipped: list | None = None) -> tuple[list[Record], str]:
+    """Read and validate a data file; return its records and their format.
+
+    JSONL is read line by line; parquet, csv and json (an array of objects) files are
+    tables (mlxtune.data.hub.read_table); `columns` (a ColumnsConfig) renames keys or
+    columns into record fields. With a `skipped` list, records with an empty answer are appended to
+    it (as (Record, message)) and left out instead of stopping the read."""
     path = Path(path)
-    records: list[Record] = []
-    fmt = first_line = None
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        from mlxtune.data.hub import read_table
+
+        rows = read_table(path, columns)
+    elif columns is not None:
+        from mlxtune.data.hub import Columns
+
+        rename = Columns(columns, "data.columns", str(path))
+        rows = ((rename(obj, where), where) for obj, where in _jsonl_rows(path))
+    else:
+        rows = _jsonl_rows(path)
+    records, fmt = validate(rows, skipped)
+    if fmt is None:
+        raise DataError(f"{path}:1: no records (the file is empty or has only blank lines)")
+    if not records:
+        raise DataError(f"{path}: every record has an empty answer (nothing to learn from)")
+    return records, fmt
+
+
+def _jsonl_rows(path: Path):
     for lineno, raw in enumerate(_read_lines(path), start=1):
         where = f"{path}:{lineno}"
         obj = _parse_line(raw, where)
-        if obj is None:  # a blank line
-            continue
+        if obj is not None:  # None: a blank line
+            yield obj, where
+
+
+def validate(rows, skipped: list | None = None) -> tuple[list[Record], str | None]:
+    """(JSON object, "source:N") pairs -> validated records and their one format."""
+    records: list[Record] = []
+    fmt = first = None
+    for obj, where in rows:
         this = detect_format(obj, where)
         if fmt is None:
-            fmt, first_line = this, lineno
+            fmt, first = this, where
         elif this != fmt:
-            raise DataError(f"{where}: this record is {this} data but line {first_line} is "
+            line = first.rpartition(":")[2]
+            raise DataError(f"{where}: this record is {this} data but line {line} is "
                             f"{fmt} data; one file must use one format")
-        CHECKS[this](obj, where)
+        try:
+            CHECKS[this](obj, where)
+        except EmptyAnswer as e:
+            if skipped is None:
+                raise
+            skipped.append((Record(obj, where), str(e)))
+            continue
         records.append(Record(obj, where))
-    if not records:
-        raise DataError(f"{path}:1: no records (the file is empty or has only blank lines)")
     return records, fmt
 
 
@@ -134,7 +179,7 @@ def _check_message(message, where: str) -> None:
     if not isinstance(content, str):
         raise DataError(f"{where}: \"content\" must be a string, got {_json_type(content)}")
     if role == "assistant" and not content.strip():
-        raise DataError(f"{where}: empty assistant content (nothing to learn from)")
+        raise EmptyAnswer(f"{where}: empty assistant content (nothing to learn from)")
 
 
 def check_completions(obj: dict, where: str) -> None:
@@ -145,7 +190,7 @@ def check_completions(obj: dict, where: str) -> None:
         if not isinstance(obj[key], str):
             raise DataError(f"{where}: \"{key}\" must be a string, got {_json_type(obj[key])}")
     if not obj["completion"].strip():
-        raise DataError(f"{where}: empty \"completion\" (nothing to learn from)")
+        raise EmptyAnswer(f"{where}: empty \"completion\" (nothing to learn from)")
 
 
 def check_text(obj: dict, where: str) -> None:
@@ -153,7 +198,7 @@ def check_text(obj: dict, where: str) -> None:
     if not isinstance(text, str):
         raise DataError(f"{where}: \"text\" must be a string, got {_json_type(text)}")
     if not text.strip():
-        raise DataError(f"{where}: empty \"text\"")
+        raise EmptyAnswer(f"{where}: empty \"text\"")
 
 
 def check_preference(obj: dict, where: str) -> None:
@@ -178,7 +223,7 @@ def check_preference(obj: dict, where: str) -> None:
                 raise DataError(f"{where}: \"{key}\" must be a string like \"prompt\", got "
                                 f"{_json_type(obj[key])}")
             if not obj[key].strip():
-                raise DataError(f"{where}: empty \"{key}\" answer")
+                raise EmptyAnswer(f"{where}: empty \"{key}\" answer")
         if chosen == rejected:
             raise DataError(f"{where}: \"chosen\" and \"rejected\" are identical (nothing "
                             "to prefer)")
@@ -212,7 +257,7 @@ def check_preference(obj: dict, where: str) -> None:
             raise DataError(f"{where}: \"{key}\" must start and end with an assistant message "
                             "(the answer that follows the prompt)")
         if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in answer):
-            raise DataError(f"{where}: empty \"{key}\" answer")
+            raise EmptyAnswer(f"{where}: empty \"{key}\" answer")
 
 
 def split_implicit_prompt(chosen: list, rejected: list, where: str) -> tuple[list, list, list]:

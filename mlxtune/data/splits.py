@@ -1,7 +1,8 @@
 """Records -> train / valid / test splits.
 
 Either the config names the files (``data.train`` and optionally ``data.valid`` /
-``data.test``), or one file (``data.path``) is split by ``data.split``: records sharing the
+``data.test``), or a Hugging Face dataset (``data.hub``, its own splits: see
+``mlxtune.data.hub``), or one file (``data.path``) is split by ``data.split``: records sharing the
 value of ``split.by`` (the user who wrote them, say) stay in one split, so the held-out
 splits measure generalisation to new groups rather than memorised neighbours. Every file is
 read and validated before anything else happens.
@@ -15,34 +16,71 @@ import numpy as np
 
 from mlxtune.config import DataConfig, SplitConfig
 from mlxtune.data.encode import resolve_mask_prompt
-from mlxtune.data.records import Record, read_records
+from mlxtune.data.records import Record, read_records, validate
 from mlxtune.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 
 
-def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[Record]], str]:
-    """Read and validate the data files; return {'train','valid','test': records} and the
-    format shared by all of them. valid / test may be empty lists."""
-    if cfg.path:
-        records, fmt = read_records(cfg.path)
+def load_splits(cfg: DataConfig, seed: int,
+                skipped: list | None = None) -> tuple[dict[str, list[Record]], str]:
+    """Read and validate the data (files, or a Hugging Face dataset with data.hub);
+    return {'train','valid','test': records} and the format shared by all of them.
+    valid / test may be empty lists. With a `skipped` list, records with an empty answer
+    are collected there instead of stopping the read (records.read_records)."""
+    if cfg.hub is not None:
+        splits, fmt = _read_hub(cfg, seed, skipped)
+    elif cfg.path:
+        records, fmt = read_records(cfg.path, cfg.columns, skipped)
         splits = split_records(records, cfg.split, seed, str(cfg.path))
     else:
-        splits, fmt = _read_split_files(cfg)
+        splits, fmt = _read_split_files(cfg, skipped)
     resolve_mask_prompt(cfg.mask_prompt, fmt, splits["train"][0].source)
     return splits, fmt
 
 
-def _read_split_files(cfg: DataConfig) -> tuple[dict[str, list[Record]], str]:
+def _read_split_files(cfg: DataConfig, skipped=None) -> tuple[dict[str, list[Record]], str]:
     if not cfg.train:
         raise DataError("data.train: no training data file given")
-    read = {name: read_records(getattr(cfg, name)) for name in SPLITS if getattr(cfg, name)}
+    read = {name: read_records(getattr(cfg, name), cfg.columns, skipped)
+            for name in SPLITS if getattr(cfg, name)}
     fmt = read["train"][1]
     for name, (records, other) in read.items():
         if other != fmt:
             raise DataError(f"{records[0].source}: this file is {other} data but data.train "
                             f"({cfg.train}) is {fmt} data; all data files must use one format")
     return {name: read[name][0] if name in read else [] for name in SPLITS}, fmt
+
+
+def _read_hub(cfg: DataConfig, seed: int, skipped=None) -> tuple[dict[str, list[Record]], str]:
+    """data.hub's splits; a held-out split the dataset lacks is carved out of its train
+    split by data.split (its fraction of whole groups, as for one file)."""
+    from mlxtune.data.hub import hub_rows
+
+    rows = hub_rows(cfg.hub)
+    read: dict[str, list[Record]] = {}
+    fmt = None
+    for name in SPLITS:
+        split_rows = getattr(rows, name)
+        if split_rows is None:
+            continue
+        records, other = validate(split_rows, skipped)
+        if other is None or not records:
+            raise DataError(f"data.hub.splits.{name}: {rows.name}: the split has no records"
+                            + (" with an answer" if other is not None else ""))
+        if fmt is not None and other != fmt:
+            raise DataError(f"{records[0].source}: this split is {other} data but the train "
+                            f"split is {fmt} data; all splits must use one format")
+        fmt = fmt or other
+        read[name] = records
+    missing = [name for name in ("valid", "test") if name not in read]
+    if missing:
+        rule = SplitConfig(cfg.split.by, *(getattr(cfg.split, n) if n in missing else 0.0
+                                           for n in ("valid", "test")))
+        carved = split_records(read["train"], rule, seed, f"{rows.name} (train)")
+        read["train"] = carved["train"]
+        read.update({name: carved[name] for name in missing})
+    return read, fmt
 
 
 def split_records(records: list[Record], split: SplitConfig, seed: int,

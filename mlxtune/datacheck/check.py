@@ -1,0 +1,417 @@
+"""`mlxtune data`: what a run would train on, and what is wrong with it.
+
+``check(cfg)`` reads the data exactly as a run does (``data.load_splits``: same files or
+hub dataset, same split rule and seed), keeping records with an empty answer aside
+instead of stopping at the first, and reports:
+
+- per split: examples, format, assistant turns, tokens and loss-bearing tokens as the
+  run's encoder makes them (``tokens``), a histogram of lengths against
+  ``data.max_seq_len``, the examples a run would truncate, the loss-bearing tokens they
+  lose and those left with none (a run drops them);
+- duplicates within train: exact (the same normalised record, ``text``) and near
+  (word-shingle Jaccard >= data.dedup.threshold, ``minhash``);
+- leakage: valid / test examples with an exact or near duplicate in train (file:line
+  pairs), and values of ``data.split.by`` found in two splits;
+- conflicts: one prompt with different answers in train (preference pairs: a pair that
+  another reverses);
+- empty answers, control characters, answers the chat template cuts, and one example
+  rendered with the loss-bearing tokens marked.
+
+The exit code (``Report.exit_code``): 0 clean, 1 when it found leakage, conflicts or
+empty answers (a run stops on the first of those), 2 on bad input (raised as
+MlxtuneError before anything is reported). Duplicates, truncation, control characters and
+cut answers are warnings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mlxtune.config import Config, DedupConfig
+from mlxtune.data.splits import SPLITS, load_splits
+from mlxtune.datacheck import minhash, text, tokens
+
+LIST_LIMIT = 1000  # entries per list in the report (counts are always whole)
+METHOD = ("MinHash ({perm} permutations, {bands} bands of {rows}) over {k}-word shingles "
+          "of the normalised text (system prompts left out), candidates confirmed by exact "
+          "Jaccard similarity")
+
+
+@dataclass
+class Loaded:
+    """The records a run would see, with their text index over all splits at once."""
+    splits: dict
+    fmt: str
+    skipped: list
+    order: list  # (split, index in split) of each record in `index`
+    index: text.Index = None
+
+
+def load(cfg: Config) -> Loaded:
+    skipped: list = []
+    splits, fmt = load_splits(cfg.data, cfg.train.seed, skipped)
+    order = [(name, i) for name in SPLITS for i in range(len(splits[name]))]
+    loaded = Loaded(splits, fmt, skipped, order)
+    loaded.index = text.index([splits[s][i].data for s, i in order], fmt)
+    return loaded
+
+
+def _record(loaded: Loaded, k: int):
+    split, i = loaded.order[k]
+    return loaded.splits[split][i]
+
+
+# ----------------------------------------------------------------------------- duplicates
+
+
+@dataclass
+class Similar:
+    """Which records are alike: groups of identical near texts and near pairs of them."""
+    group: list[int]                   # record -> its near-text group
+    members: list[list[int]]           # group -> records, in order
+    neighbours: dict[int, dict[int, float]]  # group -> {other group: Jaccard}
+
+
+def similar(loaded: Loaded, dedup: DedupConfig) -> Similar:
+    ix = loaded.index
+    groups: dict[int, int] = {}
+    group, members, first = [], [], []
+    sizes = np.diff(ix.near_offsets)
+    for k, key in enumerate(ix.near_key):
+        if sizes[k] == 0:  # no words to compare (e.g. only punctuation)
+            group.append(-1)
+            continue
+        g = groups.setdefault(key, len(groups))
+        if g == len(members):
+            members.append([])
+            first.append(k)
+        members[g].append(k)
+        group.append(g)
+    first_arr = np.asarray(first, np.int64)
+    if len(first_arr):
+        starts, ends = ix.near_offsets[first_arr], ix.near_offsets[first_arr + 1]
+        words = np.concatenate([ix.near_words[a:b] for a, b in zip(starts, ends)])
+        offsets = np.zeros(len(first_arr) + 1, np.int64)
+        np.cumsum(ends - starts, out=offsets[1:])
+    else:
+        words, offsets = np.zeros(0, np.uint64), np.zeros(1, np.int64)
+    neighbours: dict[int, dict[int, float]] = defaultdict(dict)
+    for a, b, jac in minhash.near_pairs(words, offsets, dedup.threshold, dedup.shingle):
+        neighbours[a][b] = neighbours[b][a] = jac
+    return Similar(group, members, neighbours)
+
+
+def _train_matches(loaded: Loaded, sim: Similar, k: int, before: int | None):
+    """(train record, kind, similarity) most like record k among train records (those
+    before index `before` only, when given); None when there is none."""
+    ix = loaded.index
+    g = sim.group[k]
+    best = None
+    candidates = [(g, 1.0)] if g >= 0 else []
+    if g >= 0:
+        candidates += sorted(sim.neighbours.get(g, {}).items(), key=lambda x: -x[1])
+    for other, jac in candidates:
+        for m in sim.members[other]:
+            if m == k or loaded.order[m][0] != "train":
+                continue
+            if before is not None and m >= before:
+                break
+            kind = "exact" if ix.exact[m] == ix.exact[k] else "near"
+            if kind == "exact":
+                return m, kind, 1.0
+            if best is None:
+                best = (m, kind, jac)
+    return best
+
+
+def duplicates(loaded: Loaded, sim: Similar) -> dict:
+    ix = loaded.index
+    seen: dict[int, int] = {}
+    exact, near = [], []
+    for k, (split, _) in enumerate(loaded.order):
+        if split != "train":
+            continue
+        if ix.exact[k] in seen:
+            exact.append((seen[ix.exact[k]], k))
+            continue
+        seen[ix.exact[k]] = k
+        match = _train_matches(loaded, sim, k, before=k)
+        if match is not None:
+            near.append((match[0], k, match[2]))
+    return {"exact_pairs": exact, "near_pairs": near}
+
+
+def leakage(loaded: Loaded, sim: Similar) -> dict:
+    ix = loaded.index
+    train_exact = {ix.exact[k]: k for k, (s, _) in reversed(list(enumerate(loaded.order)))
+                   if s == "train"}
+    found = []
+    for k, (split, _) in enumerate(loaded.order):
+        if split == "train":
+            continue
+        if ix.exact[k] in train_exact:
+            found.append((split, k, train_exact[ix.exact[k]], "exact", 1.0))
+            continue
+        match = _train_matches(loaded, sim, k, before=None)
+        if match is not None:
+            found.append((split, k, match[0], match[1], match[2]))
+    return {"pairs": found}
+
+
+def split_key_leakage(loaded: Loaded, by: str | None) -> dict:
+    if not by:
+        return {"by": None, "values": 0, "examples": []}
+    where: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for name in SPLITS:
+        for record in loaded.splits[name]:
+            if by in record.data:
+                where[json.dumps(record.data[by], sort_keys=True)][name] += 1
+    shared = [(value, dict(splits)) for value, splits in where.items() if len(splits) > 1]
+    return {"by": by, "values": len(shared),
+            "examples": [{"value": json.loads(v), "splits": s} for v, s in shared[:LIST_LIMIT]]}
+
+
+def conflicts(loaded: Loaded) -> list[list[int]]:
+    """Groups of train records: one prompt, different answers (preference: a pair and
+    another that reverses it)."""
+    ix = loaded.index
+    if loaded.fmt == "text":
+        return []
+    by_prompt: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for k, (split, _) in enumerate(loaded.order):
+        if split == "train":
+            by_prompt[ix.prompt[k]][ix.answer[k]].append(k)
+    out = []
+    for answers in by_prompt.values():
+        if len(answers) < 2:
+            continue
+        if loaded.fmt == "preference":
+            reversed_ = [ks[0] for a, ks in answers.items()
+                         if ix.reverse[ks[0]] in answers and ix.reverse[ks[0]] != a]
+            if reversed_:
+                out.append(reversed_)
+            continue
+        out.append([ks[0] for ks in answers.values()])
+    return out
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def histogram(lengths: np.ndarray, max_len: int) -> dict:
+    """Counts of lengths in 8 equal bins up to max_seq_len, then (max, 2 max], (2 max, inf)."""
+    edges = [round(max_len * i / 8) for i in range(9)] + [2 * max_len]
+    counts = np.histogram(np.minimum(lengths, 2 * max_len), bins=np.array(edges) + 0.5)[0]
+    over_double = int((lengths > 2 * max_len).sum())
+    counts = [int(c) for c in counts]
+    counts[-1] -= over_double
+    return {"edges": edges + [None], "counts": counts + [over_double]}
+
+
+def split_summary(records, fmt: str, facts: tokens.SplitTokens | None, max_len: int) -> dict:
+    out = {"examples": len(records), "format": fmt}
+    if facts is None:
+        return out
+    lengths, loss, kept = facts.lengths, facts.loss, facts.kept_loss
+    truncated = lengths > max_len
+    out.update({
+        "turns": int(facts.turns.sum()),
+        "tokens": int(lengths.sum()),
+        "loss_tokens": int(kept.sum()),
+        "loss_tokens_untruncated": int(loss.sum()),
+        "length": {"mean": round(float(lengths.mean()), 1) if len(lengths) else 0.0,
+                   "p50": int(np.percentile(lengths, 50)) if len(lengths) else 0,
+                   "p95": int(np.percentile(lengths, 95)) if len(lengths) else 0,
+                   "max": int(lengths.max()) if len(lengths) else 0},
+        "truncated": int(truncated.sum()),
+        "truncated_share": round(float(truncated.mean()), 4) if len(lengths) else 0.0,
+        "loss_tokens_lost": int((loss - kept).sum()),
+        "all_loss_lost": int(((kept == 0) & (loss > 0)).sum()),
+        "no_loss": int((loss == 0).sum()),
+        "histogram": histogram(lengths, max_len),
+    })
+    return out
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@dataclass
+class Report:
+    data: dict = field(default_factory=dict)
+    loaded: Loaded | None = None  # what --fix writes from
+    similar: Similar | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return self.data["exit_code"]
+
+
+def describe_source(cfg: Config) -> str:
+    d = cfg.data
+    if d.hub is not None:
+        what = f"hub dataset {d.hub.id}" + (f" ({d.hub.config})" if d.hub.config else "")
+        return what
+    if d.path:
+        rule = d.split
+        by = f" by \"{rule.by}\"" if rule.by else ""
+        return (f"{d.path} split{by} (valid {rule.valid:g}, test {rule.test:g}, seed "
+                f"{cfg.train.seed})")
+    return ", ".join(f"{name} {getattr(d, name)}" for name in SPLITS if getattr(d, name))
+
+
+def check(cfg: Config, with_tokens: bool = True, progress=None) -> Report:
+    """Everything the module's docstring lists; raises MlxtuneError on bad input."""
+    say = progress or (lambda _m: None)
+    dedup = cfg.data.dedup or DedupConfig()
+    say("reading the data")
+    loaded = load(cfg)
+    say("duplicates and leakage")
+    sim = similar(loaded, dedup)
+    dups = duplicates(loaded, sim)
+    leaks = leakage(loaded, sim)
+    keys = split_key_leakage(loaded, cfg.data.split.by)
+    conflict_groups = conflicts(loaded)
+    src = lambda k: _record(loaded, k).source  # noqa: E731
+    bands, rows = minhash.bands_for(dedup.threshold)
+    report: dict = {
+        "config": cfg.source,
+        "data": describe_source(cfg),
+        "format": loaded.fmt,
+        "tokenizer": None,
+        "max_seq_len": cfg.data.max_seq_len,
+        "splits": {},
+        "duplicates": {
+            "exact": len(dups["exact_pairs"]),
+            "near": len(dups["near_pairs"]),
+            "threshold": dedup.threshold,
+            "shingle": dedup.shingle,
+            "method": METHOD.format(perm=minhash.NUM_PERM, bands=bands, rows=rows,
+                                    k=dedup.shingle),
+            "exact_pairs": [[src(a), src(b)] for a, b in dups["exact_pairs"][:LIST_LIMIT]],
+            "near_pairs": [[src(a), src(b), round(j, 3)]
+                           for a, b, j in dups["near_pairs"][:LIST_LIMIT]],
+        },
+        "leakage": {
+            "valid": sum(1 for p in leaks["pairs"] if p[0] == "valid"),
+            "test": sum(1 for p in leaks["pairs"] if p[0] == "test"),
+            "pairs": [{"split": s, "held_out": src(k), "train": src(m), "kind": kind,
+                       "similarity": round(j, 3)}
+                      for s, k, m, kind, j in leaks["pairs"][:LIST_LIMIT]],
+            "split_key": keys,
+        },
+        "conflicts": len(conflict_groups),
+        "conflict_examples": [{"prompt": _prompt_text(_record(loaded, g[0]).data, loaded.fmt),
+                               "sources": [src(k) for k in g]}
+                              for g in conflict_groups[:LIST_LIMIT]],
+        "empty_answers": [{"source": r.source, "message": m.partition(": ")[2] or m}
+                          for r, m in loaded.skipped[:LIST_LIMIT]],
+        "empty_answer_count": len(loaded.skipped),
+        "control_characters": [],
+        "template_cuts": [],
+        "example": None,
+    }
+    control = []
+    for name in SPLITS:
+        for record in loaded.splits[name]:
+            chars = text.control_characters(record.data)
+            if chars:
+                control.append({"source": record.source,
+                                "characters": [f"U+{ord(c):04X}" for c in chars]})
+    report["control_character_count"] = len(control)
+    report["control_characters"] = control[:LIST_LIMIT]
+    facts = {}
+    if with_tokens:
+        tokenizer, what = tokens.load_tokenizer(cfg.model)
+        report["tokenizer"] = what
+        for name in SPLITS:
+            if loaded.splits[name]:
+                say(f"tokens: {name}")
+                facts[name] = tokens.split_tokens(loaded.splits[name], loaded.fmt, tokenizer,
+                                                  cfg.data)
+        cuts = [{"source": s, "answer": a[:200]} for f in facts.values()
+                for s, a in f.template_cuts]
+        report["template_cut_count"] = len(cuts)
+        report["template_cuts"] = cuts[:LIST_LIMIT]
+        first = loaded.splits["train"][0]
+        report["example"] = {
+            "split": "train", "source": first.source,
+            "pieces": [{"text": t, "loss": loss} for t, loss in
+                       tokens.render_example(first, loaded.fmt, tokenizer, cfg.data)]}
+    for name in SPLITS:
+        report["splits"][name] = split_summary(loaded.splits[name], loaded.fmt,
+                                               facts.get(name), cfg.data.max_seq_len)
+    problems = []
+    leaked = report["leakage"]["valid"] + report["leakage"]["test"]
+    if leaked:
+        problems.append("leakage")
+    if keys["values"]:
+        problems.append("split-key leakage")
+    if report["conflicts"]:
+        problems.append("conflicts")
+    if loaded.skipped:
+        problems.append("empty answers")
+    report["problems"] = problems
+    report["exit_code"] = 1 if problems else 0
+    return Report(report, loaded, sim)
+
+
+def _prompt_text(data: dict, fmt: str, limit: int = 160) -> str:
+    if fmt == "chat":
+        messages = data["messages"]
+        last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+        users = [m for m in messages[:last] if m.get("role") == "user"]
+        value = (users[-1] if users else messages[last - 1] if last else messages[0])
+        value = value.get("content") or ""
+    elif fmt == "preference":
+        prompt = data.get("prompt")
+        value = prompt if isinstance(prompt, str) else json.dumps(prompt)[:limit]
+    else:
+        value = data.get("prompt", "")
+    value = " ".join(str(value).split())
+    return value if len(value) <= limit else value[:limit - 1] + "…"
+
+
+# ----------------------------------------------------------------------------- for `run`
+
+
+def leakage_note(cfg: Config, splits: dict, fmt: str) -> str | None:
+    """One line for `mlxtune run` when held-out examples also appear in train (exact or
+    near copies) or split-key values are shared, else None. Text only (no tokenizer):
+    the cheap part of the check. Never raises: it is advice."""
+    try:
+        order = [(name, i) for name in SPLITS for i in range(len(splits[name]))]
+        if not splits["valid"] and not splits["test"]:
+            return None
+        loaded = Loaded(splits, fmt, [], order)
+        loaded.index = text.index([splits[s][i].data for s, i in order], fmt)
+        leaks = leakage(loaded, similar(loaded, cfg.data.dedup or DedupConfig()))["pairs"]
+        keys = split_key_leakage(loaded, cfg.data.split.by)["values"]
+    except Exception:  # noqa: BLE001
+        return None
+    counts = {name: sum(1 for p in leaks if p[0] == name) for name in ("valid", "test")}
+    parts = [f"{n} {name}" for name, n in counts.items() if n]
+    if not parts and not keys:
+        return None
+    what = []
+    if parts:
+        what.append(f"{' and '.join(parts)} examples also appear in train")
+    if keys:
+        what.append(f"{keys} values of \"{cfg.data.split.by}\" are in two splits")
+    return f"leakage: {'; '.join(what)}: mlxtune data {_shown_path(cfg.source)}"
+
+
+def _shown_path(path: str | None) -> str:
+    import os
+
+    if not path:
+        return "CONFIG"
+    try:
+        rel = os.path.relpath(path)
+        return rel if not rel.startswith("..") else path
+    except ValueError:
+        return path

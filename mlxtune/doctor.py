@@ -25,12 +25,15 @@ def report() -> dict:
         "python": platform.python_version(),
         "platform": info["machine"],
         "backend": info["backend"],
+        "profile": info["profile"] + (" (MLXTUNE_PROFILE=gpu: a GPU's choices, computed here)"
+                                      if info["profile"] == "gpu" and info["backend"] == "cpu"
+                                      else ""),
         "device": info.get("device_name", info["device"]),
         "blas": info["blas"],
         "host malloc": ("freed buffers kept for reuse (MLXTUNE_MALLOC=0: glibc's defaults)"
                         if _malloc.state["tuned"] else f"defaults ({_malloc.state['reason']})"),
-        "CPU kernels": native.describe() if info["backend"] == "cpu" else "MLX's fused kernels",
-        "compute dtype": str(backend.compute_dtype()).replace("mlx.core.", ""),
+        "CPU kernels": native.status_line(build=False).removeprefix("CPU kernels: "),
+        "compute dtype": backend.dtype_name(backend.compute_dtype()),
         "system memory": f"{info['system_memory_gb']:.1f} GB",
     }
     if "max_recommended_working_set_size" in info:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxtune import adapters, attention, backend, config, data, models, objectives, quant
+from mlxtune import (adapters, attention, backend, config, data, models, native, objectives,
+                     quant)
 from mlxtune.config import Config, EvalConfig, dump
 from mlxtune.data.batcher import training_batches
 from mlxtune.data.preference import encode_pairs
@@ -140,6 +141,8 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     _check_objective_data(cfg, fmt, splits["train"][0].source.rpartition(":")[0])
     progress.message(f"data: {len(splits['train'])} train, {len(splits['valid'])} valid, "
                      f"{len(splits['test'])} test examples ({fmt})")
+    from mlxtune.datacheck import note_leakage  # `mlxtune data`'s cheap part: one line
+    note_leakage(cfg, splits, fmt, progress.message)
     loaded = models.load(cfg.model)
     progress.message(f"model: {cfg.model.path} ({loaded.source.kind})")
     if plan is not None:
@@ -189,9 +192,11 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         dtype = backend.dtype_name(backend.compute_dtype(cfg.model.dtype))
         # Our kernels' first-use self-checks (Metal/CUDA): run before step 1, recorded here.
         kernel_checks = kernels.self_check_summary(quant.own_formats(model), dtype)
+        cpu_kernels = native.status_line()
         events.emit("start", config=cfg.to_dict(), trainable_params=trainable,
                     total_params=total, backend=info["backend"], blas=info["blas"],
                     profile=info["profile"], compute_dtype=dtype, kernels=kernel_checks,
+                    cpu_kernels=cpu_kernels.removeprefix("CPU kernels: "),
                     planned_peak_gb=None if plan is None else round(plan.peak_gb, 3),
                     model_source=dataclasses.asdict(loaded.source),
                     train_examples=len(train_set.examples),
@@ -203,6 +208,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         progress.message(f"run: {run_dir}  ({trainable:,} trainable of {total:,} parameters, "
                          f"{info['backend']}, {info['blas']}, {info['profile']} profile, "
                          f"{dtype})")
+        progress.message(cpu_kernels)  # which CPU kernels run, and why (a failed build too)
         trainer = Trainer(model, adapter_config, cfg, train_set.examples, valid_set.examples,
                           run_dir, events, progress, pad_id=_pad_id(loaded.tokenizer),
                           batches=batches, world=world)

@@ -77,6 +77,9 @@ def test_run_writes_the_run_directory(workdir, capsys, profile):
         assert key in start
     assert start["profile"] == profile
     assert start["compute_dtype"] == expected_compute_dtype(profile)
+    assert start["cpu_kernels"].startswith("not used" if profile == "gpu" else
+                                           ("native", "MLX's ops"))
+    assert start["kernels"] == []  # no GPU: no kernel self-check ran
     # Adapters and optimizer state in float32 whatever the compute dtype (as mlx-lm).
     for name in ("adapters/adapters.safetensors", "checkpoints/step-12/optimizer.safetensors"):
         dtypes = {v.dtype for v in mx.load(str(run_dir / name)).values()

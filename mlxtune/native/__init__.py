@@ -52,6 +52,13 @@ HEADERS = [HERE / "common.h"]
 FLAGS = ["-O3", "-march=native", "-std=c++20", "-fPIC", "-fvisibility=hidden",
          "-DNB_DOMAIN=mlx", "-DNB_COMPACT_ASSERTIONS"]
 
+
+def _flags() -> list[str]:
+    """FLAGS, with -march from MLXTUNE_NATIVE_MARCH where set (e.g. x86-64-v2, haswell:
+    another CPU's vector width and so its rounding, for testing tolerances)."""
+    march = os.environ.get("MLXTUNE_NATIVE_MARCH", "").strip()
+    return [f"-march={march}" if f == "-march=native" and march else f for f in FLAGS]
+
 # What happened, for status_line(), `mlxtune doctor` and the tests: loaded (a path) or a
 # reason; after a failed build also its first error line and the log's path.
 state: dict = {"loaded": None, "reason": "", "build_error": "", "log": ""}
@@ -122,7 +129,7 @@ def key_parts() -> dict:
     cxx = _compiler()
     return {"sources": sources.hexdigest()[:16], "mlx": importlib.metadata.version("mlx"),
             "nanobind": _nanobind_version(), "python": sys.version,
-            "machine": platform.machine(), "cpu": _cpu_features(), "flags": " ".join(FLAGS),
+            "machine": platform.machine(), "cpu": _cpu_features(), "flags": " ".join(_flags()),
             "compiler": cxx or "", "compiler_version": _compiler_identity(cxx)}
 
 
@@ -192,10 +199,10 @@ def build(force: bool = False, log=None) -> Path:
         cxx = _compiler()
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             objects = [Path(tmp) / "nanobind.o"] + [Path(tmp) / (p.stem + ".o") for p in SOURCES]
-            jobs = [[cxx, *FLAGS, "-fno-strict-aliasing", *includes, "-c",
+            jobs = [[cxx, *_flags(), "-fno-strict-aliasing", *includes, "-c",
                      str(Path(nanobind.source_dir()) / "nb_combined.cpp"), "-o",
                      str(objects[0])]]
-            jobs += [[cxx, *FLAGS, "-fopenmp-simd", *includes, "-c", str(source), "-o",
+            jobs += [[cxx, *_flags(), "-fopenmp-simd", *includes, "-c", str(source), "-o",
                       str(obj)] for source, obj in zip(SOURCES, objects[1:])]
             # The objects compile at once (each takes a core for ~10 s).
             procs = [subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

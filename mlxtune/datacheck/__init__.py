@@ -3,6 +3,6 @@ train on (check.py), from its normalised texts (text.py, minhash.py) and its tok
 the run encodes them (tokens.py); report.py writes the text, fix.py a cleaned copy.
 No UI here: the CLI and the TUI call ``check``, ``leakage_note`` and ``summary``."""
 
-from mlxtune.datacheck.check import Report, check, leakage_note
+from mlxtune.datacheck.check import Report, check, leakage_note, note_leakage
 
-__all__ = ["Report", "check", "leakage_note"]
+__all__ = ["Report", "check", "leakage_note", "note_leakage"]

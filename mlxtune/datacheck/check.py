@@ -405,6 +405,13 @@ def leakage_note(cfg: Config, splits: dict, fmt: str) -> str | None:
     return f"leakage: {'; '.join(what)}: mlxtune data {_shown_path(cfg.source)}"
 
 
+def note_leakage(cfg: Config, splits: dict, fmt: str, say) -> None:
+    """`mlxtune run`: say leakage_note's line when there is one."""
+    note = leakage_note(cfg, splits, fmt)
+    if note:
+        say(note)
+
+
 def _shown_path(path: str | None) -> str:
     import os
 

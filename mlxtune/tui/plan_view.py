@@ -1,4 +1,5 @@
-"""The plan view: the main knobs of a config and whether it fits, per memory tier.
+"""The plan view: the main knobs of a config and whether it fits, per memory tier; under
+the tiers, the data's truncation share and leakage count (mlxtune.datacheck.summary).
 
 Knob edits are kept as `--set` items (app.overrides), the same ones `mlxtune run` and
 `mlxtune plan` take; after each edit a worker loads the config with them and asks the
@@ -167,15 +168,24 @@ class PlanScreen(Screen):
     DEFAULT_CSS = """
     PlanScreen #config-line { height: 1; padding: 0 1; }
     PlanScreen #plan-body { height: 1fr; }
-    PlanScreen #knobs { width: 41; height: 1fr; border: round $primary; }
+    PlanScreen #left { width: 41; height: 1fr; }
+    PlanScreen #knobs { height: 1fr; border: round $primary; }
+    PlanScreen #data { height: auto; border: round $primary; padding: 0 1; }
     PlanScreen #verdicts { width: 1fr; height: 1fr; border: round $primary; padding: 0 1; }
     """
 
     class Planned(Message):
-        def __init__(self, generation: int, values: dict, plan: dict | None, error: str):
+        def __init__(self, generation: int, values: dict, plan: dict | None, error: str,
+                     data: dict | None = None, data_error: str = "", cfg=None):
             super().__init__()
             self.generation, self.values, self.plan, self.error = (generation, values, plan,
                                                                     error)
+            self.data, self.data_error, self.cfg = data, data_error, cfg
+
+    class Truncation(Message):
+        def __init__(self, generation: int, result: dict | None, error: str):
+            super().__init__()
+            self.generation, self.result, self.error = generation, result, error
 
     def __init__(self):
         super().__init__()
@@ -184,17 +194,25 @@ class PlanScreen(Screen):
         self.plan: dict | None = None
         self.error = ""
         self._generation = 0
+        # The data (mlxtune.datacheck.summary): examples and leakage with the plan,
+        # the truncation share from a worker of its own (it tokenizes once, then caches).
+        self.data: dict | None = None
+        self.data_error = ""
+        self.truncation: dict | None = None
+        self.truncation_error = ""
 
     def compose(self) -> ComposeResult:
         yield NavBar("plan", id="nav")
         yield Static(id="config-line")
         with Horizontal(id="plan-body"):
-            table = KnobTable(id="knobs", cursor_type="row", show_header=False)
-            table.add_column("knob", key="knob", width=13)
-            table.add_column("value", key="value", width=22)
-            for k in self.knobs:
-                table.add_row(k.label, "…", key=k.key)
-            yield table
+            with Vertical(id="left"):
+                table = KnobTable(id="knobs", cursor_type="row", show_header=False)
+                table.add_column("knob", key="knob", width=13)
+                table.add_column("value", key="value", width=22)
+                for k in self.knobs:
+                    table.add_row(k.label, "…", key=k.key)
+                yield table
+                yield Static(Text("reading…", "dim"), id="data")
             yield Static(id="verdicts")
         yield MessageLine(id="message")
         yield Footer()
@@ -202,6 +220,7 @@ class PlanScreen(Screen):
     def on_mount(self) -> None:
         self.query_one("#knobs", DataTable).border_title = "knobs (←/→, enter types)"
         self.query_one("#verdicts", Static).border_title = "memory per tier"
+        self.query_one("#data", Static).border_title = "data"
         self.replan()
 
     # ------------------------------------------------------------------ planning
@@ -228,12 +247,25 @@ class PlanScreen(Screen):
             self.post_message(self.Planned(gen, {}, None, f"mlxtune: error: {e}"))
             return
         values = {k.key: knob_value(cfg, k) for k in self.knobs}
+        data, data_error = data_summary(cfg, path)
         try:
             plan = plan_config(cfg, machine_gb)
         except MlxtuneError as e:
-            self.post_message(self.Planned(gen, values, None, f"mlxtune: error: {e}"))
+            self.post_message(self.Planned(gen, values, None, f"mlxtune: error: {e}", data,
+                                           data_error, cfg))
             return
-        self.post_message(self.Planned(gen, values, plan, ""))
+        self.post_message(self.Planned(gen, values, plan, "", data, data_error, cfg))
+
+    def _truncate(self, gen: int, cfg, path: Path) -> None:
+        """Thread: the train split's truncation share at this max_seq_len."""
+        result, error = data_truncation(cfg, path)
+        self.post_message(self.Truncation(gen, result, error))
+
+    def on_plan_screen_truncation(self, message: Truncation) -> None:
+        if message.generation != self._generation:
+            return
+        self.truncation, self.truncation_error = message.result, message.error
+        self._draw_data()
 
     def on_plan_screen_planned(self, message: Planned) -> None:
         if message.generation != self._generation:
@@ -241,6 +273,12 @@ class PlanScreen(Screen):
         if message.values:
             self.values = message.values
         self.plan, self.error = message.plan, message.error
+        self.data, self.data_error = message.data, message.data_error
+        self.truncation, self.truncation_error = None, ""
+        if self.data is not None and message.cfg is not None:
+            cfg, path, gen = message.cfg, self.app.config_path, message.generation
+            self.run_worker(lambda: self._truncate(gen, cfg, path), thread=True,
+                            group="truncation", exclusive=True)
         table = self.query_one("#knobs", DataTable)
         edited = self.app.overrides
         for k in self.knobs:
@@ -351,6 +389,14 @@ class PlanScreen(Screen):
         width = max(self.query_one("#verdicts").content_size.width, 30)
         self.query_one("#verdicts", Static).update(
             Text("") if self.error else verdict_text(self.plan, width))
+        self._draw_data()
+
+    def _draw_data(self) -> None:
+        panel = self.query_one("#data", Static)
+        if self.data is not None:
+            panel.border_title = f"data ({self.data['format']})"
+        panel.update(data_text(self.data, self.data_error, self.truncation,
+                               self.truncation_error))
 
 
 def _show(value) -> str:
@@ -397,6 +443,71 @@ def plan_config(cfg, machine_gb: float | None) -> dict:
     from mlxtune import memory
 
     return memory.plan(cfg, usable_gb=machine_gb).to_dict()
+
+
+def _relative(message: str, config_path: Path) -> str:
+    """An error with the config's folder left out of its paths (they are relative to it)."""
+    folder = str(Path(config_path).resolve().parent) + os.sep
+    return message.replace(folder, "")
+
+
+def data_summary(cfg, config_path: Path) -> tuple[dict | None, str]:
+    """(mlxtune.datacheck.summary's examples and leakage, or an error line). Thread."""
+    from mlxtune.datacheck.summary import summary
+    from mlxtune.errors import MlxtuneError
+
+    try:
+        return summary(cfg), ""
+    except MlxtuneError as e:
+        return None, _relative(str(e), config_path)
+    except Exception as e:  # noqa: BLE001  (advice: never take the view down)
+        return None, f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def data_truncation(cfg, config_path: Path) -> tuple[dict | None, str]:
+    """(the train split's truncation at data.max_seq_len, or an error line). Thread."""
+    from mlxtune.datacheck.summary import truncation
+    from mlxtune.errors import MlxtuneError
+
+    try:
+        return truncation(cfg), ""
+    except MlxtuneError as e:
+        return None, _relative(str(e), config_path)
+    except Exception as e:  # noqa: BLE001
+        return None, f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def _clip(text: str, width: int = 74) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def data_text(data: dict | None, error: str, truncation: dict | None,
+              truncation_error: str) -> Text:
+    """The data panel: examples per split; the train split's truncation share at
+    data.max_seq_len; held-out examples with a copy in train (`mlxtune data` lists them)."""
+    out = Text()
+    if data is None:
+        return out.append(_clip(error) if error else "reading…", "red" if error else "dim")
+    n = data["examples"]
+    out.append(f"{n['train']:,} train · {n['valid']:,} valid · {n['test']:,} test")
+    if truncation is not None:
+        out.append(f"\ntruncated at {truncation['max_seq_len']}: ")
+        out.append(f"{100 * truncation['share']:.1f}% ({truncation['truncated']:,})",
+                   "yellow" if truncation["truncated"] else "green")
+    elif truncation_error:
+        out.append("\ntruncated: ").append(_clip(truncation_error, 60), "dim")
+    else:
+        out.append("\ntruncated: counting tokens…", "dim")
+    leak = data["leakage"]
+    out.append("\nleakage: ")
+    if leak["valid"] or leak["test"] or leak["split_key"]:
+        parts = [f"{leak[s]} {s}" for s in ("valid", "test") if leak[s]]
+        if leak["split_key"]:
+            parts.append(f"{leak['split_key']} key values")
+        out.append(" + ".join(parts), "bold red").append(" in train", "red")
+    else:
+        out.append("none", "green")
+    return out
 
 
 # Breakdown items shown one a line; the adapter's three small ones are added together.

@@ -89,7 +89,7 @@ def _fold(values) -> int:
 
 def word_hashes(text: str) -> np.ndarray:
     """The hashes of one text's normalised words (as ``index`` computes them)."""
-    words, _ = _words([text])
+    words, _ = _words([text.casefold()])
     return words
 
 

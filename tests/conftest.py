@@ -39,7 +39,7 @@ def native_kernels():
     if reason:
         pytest.skip(f"native kernels: {reason}")
     module = native.load()
-    assert module is not None, native.state["reason"]
+    assert module is not None, native.status_line(build=False)
     return module
 
 

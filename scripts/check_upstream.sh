@@ -44,14 +44,16 @@ VPY="$VENV/bin/python"
 "$VPY" -m pip install -q --upgrade pip || fail_setup "pip upgrade"
 # mlxtune as its bounds say (the tested versions), then the newest releases past them.
 "$VPY" -m pip install -q -e ".[test]" || fail_setup "pip install -e .[test]"
-tested=$("$VPY" -c 'import importlib.metadata as m; print(f"mlx {m.version(\"mlx\")}, mlx-lm {m.version(\"mlx-lm\")}")')
+versions() {
+  "$VPY" -c 'import importlib.metadata as m; print("mlx " + m.version("mlx") + ", mlx-lm " + m.version("mlx-lm"))'
+}
+tested=$(versions) || fail_setup "reading the installed versions"
 mlx_spec="mlx"
 [ "$(uname -s)" = "Linux" ] && mlx_spec="mlx[cpu]"
 # pip warns that mlxtune's bound is not met; that is the point.
 "$VPY" -m pip install -q --upgrade "$mlx_spec" mlx-lm > "$DIR/upgrade.log" 2>&1 \
   || { cat "$DIR/upgrade.log" >&2; fail_setup "pip install --upgrade $mlx_spec mlx-lm"; }
-newest=$("$VPY" -c 'import importlib.metadata as m; print(f"mlx {m.version(\"mlx\")}, mlx-lm {m.version(\"mlx-lm\")}")') \
-  || fail_setup "reading the installed versions"
+newest=$(versions) || fail_setup "reading the installed versions"
 echo "check_upstream: tested with $tested (pyproject.toml's bounds); newest: $newest"
 if [ "$tested" = "$newest" ] && [ "$always" -eq 0 ]; then
   echo "check_upstream: nothing newer than the tested versions; nothing to check (--always runs the suite anyway)"
@@ -69,7 +71,7 @@ fi
 
 echo "check_upstream: running the suite against $newest (log: $LOG)"
 # (the ${a[@]+...} form: an empty array under set -u in macOS's bash 3.2)
-"$VPY" -m pytest -q -rfE -p no:cacheprovider ${pytest_args[@]+"${pytest_args[@]}"} > "$LOG" 2>&1
+COLUMNS=240 "$VPY" -m pytest -q -rfE -p no:cacheprovider ${pytest_args[@]+"${pytest_args[@]}"} > "$LOG" 2>&1
 status=$?
 
 summary="$DIR/summary.txt"

@@ -326,6 +326,7 @@ def check(cfg: Config, with_tokens: bool = True, progress=None) -> Report:
     report["control_characters"] = control[:LIST_LIMIT]
     facts = {}
     if with_tokens:
+        say("loading the tokenizer")
         tokenizer, what = tokens.load_tokenizer(cfg.model)
         report["tokenizer"] = what
         for name in SPLITS:
@@ -337,6 +338,7 @@ def check(cfg: Config, with_tokens: bool = True, progress=None) -> Report:
                 for s, a in f.template_cuts]
         report["template_cut_count"] = len(cuts)
         report["template_cuts"] = cuts[:LIST_LIMIT]
+        say("one example")
         first = loaded.splits["train"][0]
         report["example"] = {
             "split": "train", "source": first.source,

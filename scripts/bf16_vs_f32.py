@@ -3,19 +3,24 @@ profile), dense and 4-bit, on the quickstart data.
 
 bfloat16 has no BLAS path on the CPU and MLX's quantized matmul runs at a few GFLOP/s
 there, so the GPU profile computes the packaged SmolLM2-135M at ~1 token/s here. The
-comparison therefore runs on SmolLM2 cut to its first `--layers` blocks (real weights,
-its own tokenizer and head), written as two GGUF files: the blocks as stored (Q4_1,
-4-bit; float16 scales) and dequantized to F32 (dense). Each is trained four ways:
+comparison therefore runs on SmolLM2 cut to 8 of its 30 blocks (`--blocks`: the first
+two and the last six, which keep the residual stream closest to what the head expects:
+held-out loss 10.7 nats before training, against 22.3 for the first eight alone and 3.4
+for the whole model), real weights with its own tokenizer and head, written as two GGUF
+files: the blocks as stored (Q4_1, 4-bit; float16 scales) and dequantized to F32
+(dense). Each is trained two ways:
 
   dense   float32  MLXTUNE_PROFILE=cpu   (model.dtype auto = float32)
   dense   bfloat16 MLXTUNE_PROFILE=gpu   (auto = bfloat16; MLX's attention, no CPU kernels)
   4-bit   float32  MLXTUNE_PROFILE=cpu   (dequantize-then-BLAS)
   4-bit   bfloat16 MLXTUNE_PROFILE=gpu   (MLX's quantized layers, scales kept float16)
 
+LoRA weights and optimizer state are float32 in every run.
+
 with the quickstart's config otherwise (the same seed, batches and validation examples),
 and prints the validation loss before and after training and the relative difference.
 
-    .venv/bin/python scripts/bf16_vs_f32.py --layers 6 --iters 24 --out /tmp/bf16.json
+    .venv/bin/python scripts/bf16_vs_f32.py --out /tmp/bf16.json
 """
 
 from __future__ import annotations
@@ -35,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def cut_gguf(src: Path, dst: Path, layers: int, dense: bool) -> None:
-    """src's model with only its first `layers` blocks; tensors copied as stored, or
-    decoded to F32 with `dense`."""
+def cut_gguf(src: Path, dst: Path, blocks: list[int], dense: bool) -> None:
+    """src's model with only the given blocks (renumbered 0..n-1 in that order); tensors
+    copied as stored, or decoded to F32 with `dense`."""
     import gguf
 
     from mlxtune.export.gguf_fused import _SKIP_KEYS, _decode, _nbytes
@@ -52,20 +57,24 @@ def cut_gguf(src: Path, dst: Path, layers: int, dense: bool) -> None:
             continue
         main = field.types[0]
         sub = field.types[-1] if main == gguf.GGUFValueType.ARRAY else None
-        value = layers if key == f"{arch}.block_count" else field.contents()
+        value = len(blocks) if key == f"{arch}.block_count" else field.contents()
         writer.add_key_value(key, value, main, sub)
     writer.add_file_type(0 if dense else 3)  # ALL_F32 | MOSTLY_Q4_1
 
-    def kept(name: str) -> bool:
-        return not name.startswith("blk.") or int(name.split(".")[1]) < layers
+    def new_name(name: str) -> str | None:
+        if not name.startswith("blk."):
+            return name
+        _, i, rest = name.split(".", 2)
+        return f"blk.{blocks.index(int(i))}.{rest}" if int(i) in blocks else None
 
     plan = []
     for t in f.tensors:
-        if not kept(t.name):
+        name = new_name(t.name)
+        if name is None:
             continue
         qtype = gguf.GGMLQuantizationType.F32 if dense else t.type
         plan.append((t, qtype))
-        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _nbytes(t.shape, qtype),
+        writer.add_tensor_info(name, t.shape, np.dtype(np.float32), _nbytes(t.shape, qtype),
                                raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -80,7 +89,8 @@ def run(model: Path, profile: str, run_dir: Path, args) -> dict:
     sets = {"model.path": str(model), "train.iters": args.iters,
             "train.eval_every": args.iters, "train.val_batches": args.val_batches,
             "train.save_every": 0, "train.log_every": max(1, args.iters // 4),
-            "train.learning_rate": args.learning_rate, "train.warmup": 2}
+            "train.learning_rate": args.learning_rate, "train.warmup": 2,
+            "train.batch_size": args.batch_size}
     cmd = [sys.executable, "-m", "mlxtune", "run", str(ROOT / "configs/quickstart.yaml"),
            "--run-dir", str(run_dir), "--no-eval"]
     for k, v in sets.items():
@@ -103,8 +113,10 @@ def run(model: Path, profile: str, run_dir: Path, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--blocks", default="0,1,24,25,26,27,28,29",
+                    help="the blocks of SmolLM2's 30 to keep, in order")
     ap.add_argument("--iters", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--val-batches", type=int, default=4)
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bf16_vs_f32"))
@@ -116,11 +128,11 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     src = packaged_path("smollm2-135m-instruct")
-    results = {}
+    blocks = [int(b) for b in args.blocks.split(",")]
+    results = {"blocks": blocks, "iters": args.iters, "batch_size": args.batch_size}
     for kind in args.only or ["dense", "4bit"]:
-        model = args.work / f"smollm2-{args.layers}blocks-{kind}.gguf"
-        if not model.exists():
-            cut_gguf(src, model, args.layers, dense=kind == "dense")
+        model = args.work / f"smollm2-{len(blocks)}blocks-{kind}.gguf"
+        cut_gguf(src, model, blocks, dense=kind == "dense")
         for profile in ("cpu", "gpu"):
             r = run(model, profile, args.work / f"run-{kind}-{profile}", args)
             results[f"{kind}/{r['compute_dtype']}"] = r

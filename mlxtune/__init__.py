@@ -6,4 +6,19 @@ from mlxtune import _blas, _malloc
 _blas.preload()
 _malloc.tune()  # freed host buffers reused instead of page-faulted in again (see _malloc)
 
+
+def _cpu_profile_on_the_cpu() -> None:
+    """MLXTUNE_PROFILE=cpu on a machine with a GPU computes the CPU path on the CPU device
+    (the test suite's CPU-path tests on a Mac, for one); see backend.profile."""
+    import os
+
+    if os.environ.get("MLXTUNE_PROFILE", "").strip().lower() == "cpu":
+        import mlx.core as mx
+
+        if mx.default_device() != mx.cpu:
+            mx.set_default_device(mx.cpu)
+
+
+_cpu_profile_on_the_cpu()
+
 __version__ = "0.1.0"

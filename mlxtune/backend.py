@@ -26,7 +26,9 @@ def name() -> str:
 
 def profile() -> str:
     """'gpu' or 'cpu': whose choices the compute path follows. A GPU backend is always
-    'gpu'. On the CPU backend `MLXTUNE_PROFILE=gpu` makes every backend-dependent choice
+    'gpu' (`MLXTUNE_PROFILE=cpu` on a machine with a GPU makes `import mlxtune` put MLX's
+    default device on the CPU, so the CPU path runs there). On the CPU backend
+    `MLXTUNE_PROFILE=gpu` makes every backend-dependent choice
     as on Metal/CUDA (bfloat16 compute, MLX's attention, the quantized layers' own
     forward and backward, our kernels' dispatch served by their reference), computed on
     the CPU: the way the GPU path is tested on machines without one. Read on every call,

@@ -29,8 +29,9 @@ def _gpu() -> str | None:
 # MLXTUNE_REQUIRE_GPU=metal (or cuda): CI on a GPU machine; these tests then fail, rather
 # than skip, where MLX finds no such GPU.
 REQUIRED = os.environ.get("MLXTUNE_REQUIRE_GPU", "").strip().lower()
-pytestmark = pytest.mark.skipif(_gpu() is None and not REQUIRED,
-                                reason="no Metal or CUDA GPU in this MLX")
+pytestmark = [pytest.mark.skipif(_gpu() is None and not REQUIRED,
+                                 reason="no Metal or CUDA GPU in this MLX"),
+              pytest.mark.gpu]  # on the GPU device (conftest), not the CPU path's
 
 
 def weights(fmt, rows=96, cols=512, seed=0):

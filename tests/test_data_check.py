@@ -367,7 +367,7 @@ def test_leakage_note_for_run(planted):
     splits, fmt = data.load_splits(cfg.data, 0, [])
     note = leakage_note(cfg, splits, fmt)
     assert note.startswith("leakage: 2 valid and 3 test examples also appear in train")
-    assert "1 values of \"user\" are in two splits" in note
+    assert "1 value of \"user\" is in two splits" in note
     assert note.rstrip().endswith("config.yaml")
     clean = {"train": splits["train"][:5], "valid": [], "test": []}
     assert leakage_note(cfg, clean, fmt) is None
@@ -395,3 +395,24 @@ def test_quickstart_report_runs_offline():
     assert report["leakage"]["split_key"]["values"] == 0
     assert report["conflicts"] == 0
     np.testing.assert_equal([report["leakage"]["valid"], report["leakage"]["test"]], [1, 3])
+
+
+def test_run_prints_one_leakage_line(tmp_path, tiny_model_dir, capsys):
+    """`mlxtune run` says it before training (and trains anyway: it is advice)."""
+    rng = random.Random(4)
+    tasks = iter(distinct_tasks())
+    train = [task_example(rng, next(tasks), f"t{i}") for i in range(12)]
+    test = [task_example(rng, next(tasks), "x") for _ in range(3)]
+    test.append(dict(shouty(train[5]), user="x"))
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "test.jsonl", test)
+    cfg = yaml.safe_load(write_config(tmp_path, tiny_model_dir).read_text())
+    cfg["data"].pop("valid")
+    cfg["eval"] = {"auto": False}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    main(["run", str(tmp_path / "config.yaml"), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("leakage")]
+    assert lines == [f"leakage: 1 test example also appears in train: mlxtune data "
+                     f"{tmp_path / 'config.yaml'}"], err
+    assert "done: step 1" in err

@@ -401,9 +401,12 @@ def leakage_note(cfg: Config, splits: dict, fmt: str) -> str | None:
         return None
     what = []
     if parts:
-        what.append(f"{' and '.join(parts)} examples also appear in train")
+        one = sum(counts.values()) == 1
+        what.append(f"{' and '.join(parts)} example{'' if one else 's'} also "
+                    f"appear{'s' if one else ''} in train")
     if keys:
-        what.append(f"{keys} values of \"{cfg.data.split.by}\" are in two splits")
+        what.append(f"{keys} value{'' if keys == 1 else 's'} of \"{cfg.data.split.by}\" "
+                    f"{'is' if keys == 1 else 'are'} in two splits")
     return f"leakage: {'; '.join(what)}: mlxtune data {_shown_path(cfg.source)}"
 
 

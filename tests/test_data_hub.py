@@ -288,3 +288,20 @@ def test_quickstart_style_check_on_hub_data(offline, tiny_model_dir):
     report = check(cfg).data
     assert report["format"] == "preference" and report["conflicts"] == 0
     assert sum(report["splits"][s]["examples"] for s in report["splits"]) == 30
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"hub": {"id": "a/b"}, "path": "x.jsonl"},
+     "data.hub: give either data.hub (a Hugging Face dataset) or data.path, not both"),
+    ({"hub": {"config": "x"}}, "data.hub.id: the dataset's id is required"),
+    ({"hub": {"id": "a/b", "splits": {"validation": "val"}}},
+     "data.hub.splits.validation: unknown key (did you mean 'data.hub.splits.valid'?)"),
+    ({"train": "x.jsonl", "columns": {"messages": ["a", "b"]}},
+     "data.columns.messages: expected string"),
+])
+def test_hub_config_errors_name_the_key(data, message):
+    from mlxtune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        config.from_dict({"data": data})
+    assert message in str(e.value)

@@ -101,6 +101,7 @@ class _Prerendered(_Encoder):
 
     def conversations(self, records, fmt: str) -> list[tuple[list, list | None]]:
         """(messages, tools) the encoder renders for each record (None for plain text)."""
+        self.messages.clear()  # the previous chunk's
         out = []
         for record in records:
             d = record.data

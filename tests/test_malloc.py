@@ -50,9 +50,11 @@ def test_freed_buffers_are_reused_without_page_faults():
     assert tuned and not default_tuned
     # 100 MB a repetition: ~25,000 pages if each buffer came fresh from the kernel. glibc's
     # defaults fault 7,000-14,000 a repetition on average here (~17,600 in most, 0-2,000 in
-    # some). Tuned: 0 in every repetition on a quiet machine; on a busy CI machine the
-    # kernel reclaimed pages now and then (a mean of ~900), so the tuned side is read by its
-    # median repetition; a tenth of the defaults' mean is the bound.
+    # some; 4,450 on one busy machine, where glibc's adaptive mmap threshold had risen).
+    # Tuned: 0 in every repetition on a quiet machine; on a busy CI machine the kernel
+    # reclaimed pages now and then (a mean of ~900), so the tuned side is read by its
+    # median repetition; a tenth of the defaults' mean is the bound. The defaults must
+    # fault at all (a tenth of the ~25,000 pages) for the comparison to mean something.
     mean_default = statistics.mean(default_faults)
-    assert mean_default > 5000, default_faults
+    assert mean_default > 2500, default_faults
     assert statistics.median(faults) < mean_default / 10, (faults, default_faults)

@@ -22,3 +22,4 @@ def _cpu_profile_on_the_cpu() -> None:
 _cpu_profile_on_the_cpu()
 
 __version__ = "0.1.0"
+DISTRIBUTION = "mlxtune-lora"  # the name on PyPI (pip install mlxtune-lora); imports stay mlxtune

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -206,6 +207,10 @@ class TrainConfig:
     cpu_streams: int = field(default=1, metadata={"min": 1})
     compile: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # Experiment trackers fed from the same events as events.jsonl (rank 0 only): a name
+    # or a list of tensorboard, wandb, mlflow, trackio; each an optional package
+    # (mlxtune.train.tracking). [] or "none": events.jsonl alone.
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -313,6 +318,10 @@ def _apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = parsed
 
 
+# A decimal number as people write it (1e-4, 2E-4, 5., .5e-3); not nan or inf.
+_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
 def _type_name(t) -> str:
     origin = typing.get_origin(t)
     if origin in (Union, types.UnionType):
@@ -372,6 +381,9 @@ def _convert(t, value, dotted: str, where: str, f=None):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {dotted}: expected a list, got {value!r}")
         return [_convert(item_t, v, f"{dotted}[{i}]", where) for i, v in enumerate(value)]
+    if t is float and isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
+        # YAML 1.1 reads 1e-4 and 2E-4 (an exponent without a dot) as strings.
+        value = float(value.strip())
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -435,8 +447,31 @@ def _check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: objective.beta: must be > 0 for {o.type}")
     if cfg.adapter.rank > 4096:
         raise ConfigError(f"{where}: adapter.rank: {cfg.adapter.rank} is implausibly large")
+    cfg.train.report_to = _trackers(cfg.train.report_to, where)
     if not str(cfg.name).strip() or "/" in str(cfg.name):
         raise ConfigError(f"{where}: name: must be a non-empty name without '/'")
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
+def _trackers(names: list[str], where: str) -> list[str]:
+    """train.report_to: known names, lower case, each once; "none" alone means none."""
+    out = []
+    if len(names) == 1 and "," in str(names[0]):  # report_to: tensorboard,wandb
+        names = str(names[0]).split(",")
+    for i, name in enumerate(names):
+        n = str(name).strip().lower()
+        if n == "none" and len(names) == 1:
+            return []
+        if n not in TRACKERS:
+            close = difflib.get_close_matches(n, TRACKERS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: train.report_to[{i}]: unknown tracker {name!r}{hint}; "
+                              f"known: {', '.join(TRACKERS)} (or none)")
+        if n not in out:
+            out.append(n)
+    return out
 
 
 def _get(cfg: Config, dotted: str):

@@ -16,12 +16,12 @@ def _version(dist: str) -> str:
 def report() -> dict:
     import mlx.core as mx
 
-    from mlxtune import _malloc, backend, models, native
+    from mlxtune import DISTRIBUTION, _malloc, backend, models, native
 
     info = backend.device_info()
+    installed = _version(DISTRIBUTION)   # the distribution's name, not the import package's
     out = {
-        "mlxtune": importlib.metadata.version("mlxtune") if _version("mlxtune") != "not installed"
-        else "source tree",
+        "mlxtune": installed if installed != "not installed" else "source tree",
         "python": platform.python_version(),
         "platform": info["machine"],
         "backend": info["backend"],

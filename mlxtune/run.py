@@ -19,7 +19,7 @@ from mlxtune.data.batcher import training_batches
 from mlxtune.data.preference import encode_pairs
 from mlxtune.errors import ConfigError, DataError
 from mlxtune.quant import kernels
-from mlxtune.train import checkpoint, distributed
+from mlxtune.train import checkpoint, distributed, tracking
 from mlxtune.train.events import EventWriter, read_events
 from mlxtune.train.loop import PAD_MULTIPLE, Result, Trainer
 from mlxtune.train.progress import Progress
@@ -28,7 +28,8 @@ CONFIG_FILE = "config.yaml"
 # Keys a resumed run may change: how long it runs and how often it reports.
 RESUMABLE_CHANGES = {"train.iters", "train.epochs", "train.eval_every", "train.save_every",
                      "train.log_every", "train.keep_checkpoints", "train.val_batches",
-                     "train.early_stopping.patience", "train.early_stopping.min_delta"}
+                     "train.early_stopping.patience", "train.early_stopping.min_delta",
+                     "train.report_to"}
 # Evaluation settings never change what trains.
 RESUMABLE_CHANGES |= {f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)}
 # The reference log-probs are the same computed once or per step.
@@ -126,6 +127,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
 
     # Where the run goes; decided first, created last.
     if world.main:
+        tracking.check(cfg.train.report_to)  # a tracker's missing package: one line, now
         run_dir, resume_from = _where(cfg, run_dir, resume)
         if resume_from is not None:
             distributed.check_resume(resume_from, world)

@@ -2,6 +2,8 @@
 
 Every line has "event" and "time" (unix seconds); DESIGN.md section 3 lists the kinds and
 their fields. Readers tolerate a torn last line: the writer may be killed mid-write.
+The writer also feeds the experiment trackers a run's train.report_to names
+(mlxtune.train.tracking): the start event's config opens them, close() closes them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class EventWriter:
         self.path = Path(run_dir) / EVENTS_FILE
         self.enabled = enabled
         self._file = None
+        self.tracking = None  # mlxtune.train.tracking.Tracking, opened by the start event
         if enabled:
             self._file = open(self.path, "a", encoding="utf-8")
             # A torn last line from a killed writer would swallow our first record.
@@ -41,9 +44,18 @@ class EventWriter:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+            if event == "start" and self.tracking is None:
+                from mlxtune.train import tracking
+
+                self.tracking = tracking.start(self.path.parent, record)
+            if self.tracking is not None:
+                self.tracking.log(record)
         return record
 
     def close(self) -> None:
+        if self.tracking is not None:
+            self.tracking.close()
+            self.tracking = None
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -116,14 +116,23 @@ def doctor(as_json, run_kernels):
                    "eval-NAME.json etc. beside the run's own eval.")
 @click.option("--no-base", is_flag=True,
               help="Skip the base side (adapters off), the slowest to decode.")
+@click.option("--shots", type=click.IntRange(min=0), metavar="K",
+              help="The few-shot side: the base with K training examples as earlier turns "
+                   "(default: eval.shots, 3; 0 skips it).")
+@click.option("--general", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The forgetting check's prompts (JSONL of {\"prompt\": ...}); default: "
+                   "eval.general, else the probe shipped with mlxtune.")
+@click.option("--no-forgetting", is_flag=True, help="Skip the forgetting check.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def eval_command(run_dir, split, adapter, limit, max_new_tokens, schema, metric, data_file,
-                 no_base, as_json, quiet):
-    """Base vs tuned on a held-out split; writes eval.json and eval.md into RUN_DIR."""
+                 no_base, shots, general, no_forgetting, as_json, quiet):
+    """Base, few-shot base and tuned on a held-out split, and the forgetting check;
+    writes eval.json and eval.md (opening with the verdict) into RUN_DIR."""
     from pathlib import Path
 
     from mlxtune.evaluate import evaluate_run, report
+    from mlxtune.train.progress import Progress
 
     if metric and ".py:" in metric:  # a file path is relative to the working directory
         file, _, func = metric.rpartition(":")
@@ -132,29 +141,41 @@ def eval_command(run_dir, split, adapter, limit, max_new_tokens, schema, metric,
                  "max_new_tokens": max_new_tokens, "metric": metric,
                  "schema": str(Path(schema).resolve()) if schema else None,
                  "data": str(Path(data_file).resolve()) if data_file else None,
-                 "base": False if no_base else None}
-    log = (lambda _m: None) if quiet else (lambda m: click.echo(m, err=True))
-    result = evaluate_run(Path(run_dir), overrides, log=log)
+                 "base": False if no_base else None, "shots": shots,
+                 "general": str(Path(general).resolve()) if general else None,
+                 "forgetting": False if no_forgetting else None}
+    progress = Progress(quiet=quiet)
+    try:
+        result = evaluate_run(Path(run_dir), overrides, log=progress.message,
+                              status=progress.status)
+    finally:
+        progress.close()
     click.echo(report.to_json(result) if as_json else report.table(result))
 
 
 @cli.command("export")
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
 @click.option("--to", "to", required=True, metavar="FORMAT",
-              help="gguf | peft | mlx-fused | gguf-fused | ollama")
+              help="gguf | peft | mlx-fused | gguf-fused | ollama | hub")
 @click.option("--out", type=click.Path(), help="Output file or folder "
               "(default: RUN_DIR/export/...).")
 @click.option("--adapter", default="auto", metavar="best|final",
               help="best/ (the best validation loss) or adapters/ (the last step); "
                    "default: best/ when the run has one.")
 @click.option("--outtype", metavar="TYPE", help="gguf: f32|f16; gguf-fused: f16|q8_0|f32; "
-              "mlx-fused: f16|bf16|f32|q8|q4.")
+              "mlx-fused: f16|bf16|f32|q8|q4; hub (its GGUF adapter): f16|f32.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-def export_command(run_dir, to, out, adapter, outtype, force):
-    """Export RUN_DIR's adapter for llama.cpp / Ollama / PEFT / mlx-lm; prints the path."""
+@click.option("--push", metavar="REPO_ID", help="hub: upload the folder to this Hugging Face "
+              "repository (one commit; needs a token: hf auth login or HF_TOKEN).")
+@click.option("--private", is_flag=True, help="hub --push: create the repository private.")
+def export_command(run_dir, to, out, adapter, outtype, force, push, private):
+    """Export RUN_DIR's adapter for llama.cpp / Ollama / PEFT / mlx-lm, or as a folder for
+    the Hugging Face Hub (--to hub, with a model card; --push uploads it); prints the
+    path."""
     from mlxtune.export import export
 
-    result = export(run_dir, to, out, adapter=adapter, force=force, outtype=outtype)
+    result = export(run_dir, to, out, adapter=adapter, force=force, outtype=outtype,
+                    push=push, private=private)
     click.echo(f"{to}{f' ({result.outtype})' if result.outtype else ''} from "
                f"{result.adapter_dir}{f'; {result.note}' if result.note else ''}", err=True)
     click.echo(str(result.path))
@@ -244,8 +265,83 @@ def data_command(config_path, overrides, as_json, fix_dir):
     sys.exit(result.exit_code)
 
 
+@cli.command("compare")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--models", "candidates", multiple=True, required=True, metavar="A B ...",
+              help="Candidate bases: packaged names, hub ids in the local cache, mlx-lm "
+                   "folders, .gguf files.")
+@click.option("--shots", "shots", multiple=True, type=click.IntRange(min=0),
+              metavar="K ...", help="Few-shot settings to measure the base with "
+              "(default: 0 and eval.shots).")
+@click.option("--train-steps", type=click.IntRange(min=0), default=0, metavar="N",
+              help="A pilot LoRA run of N steps per candidate, measured zero-shot.")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N",
+              help="The held-out split's first N examples only (loss and generation).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--usable-gb", type=click.FloatRange(min=0, min_open=True), metavar="GB",
+              help="This machine's usable memory for the planner (default: what MLX "
+                   "reports).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Where compare.json, compare.md and pilot runs go "
+                   "(default: runs/compare-NAME-TIMESTAMP).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def compare_command(config_path, candidates, shots, train_steps, limit, overrides, usable_gb,
+                    out_dir, as_json, quiet):
+    """Candidate bases for CONFIG on its held-out split: size, planned memory per tier,
+    step time, decoding speed, zero- and few-shot metrics (and a pilot run's), ranked by
+    the main metric per GB, with a recommendation."""
+    from mlxtune import config
+    from mlxtune.evaluate import report
+    from mlxtune.evaluate.compare import compare, markdown
+    from mlxtune.train.progress import Progress
+
+    cfg = config.load(config_path, list(overrides))
+    progress = Progress(quiet=quiet)
+    try:
+        result = compare(cfg, list(candidates), list(shots) or [0, cfg.eval.shots],
+                         train_steps, limit, usable_gb, out_dir, log=progress.message,
+                         status=progress.status)
+    finally:
+        progress.close()
+    click.echo(report.to_json(result) if as_json else markdown(result))
+
+
+def _spread(argv: list[str], options=("--models", "--shots")) -> list[str]:
+    """`compare --models A B C` as click reads it: --models A --models B --models C."""
+    if "compare" not in argv:
+        return argv
+    out, current = [], None
+    for arg in argv:
+        if arg in options:
+            current = arg
+            continue
+        if current is not None and not arg.startswith("-"):
+            out += [current, arg]
+            continue
+        current = None
+        out.append(arg)
+    return out
+
+
+@cli.command("init")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--example", type=click.Choice(["tasks"]), default="tasks", show_default=True,
+              help="tasks: the quickstart (requests -> strict task JSON, QLoRA on the "
+                   "packaged SmolLM2).")
+def init_command(directory, example):
+    """Write a ready example into DIR (new or empty): its config, data, JSON schema and
+    metric, so that `mlxtune run DIR/quickstart.yaml` works from an installed wheel."""
+    from mlxtune import examples
+
+    config_path = examples.init(directory, example)
+    click.echo(f"{example}: {', '.join(sorted(p.name for p in config_path.parent.iterdir()))}"
+               f" in {config_path.parent}; train with: mlxtune run {config_path}", err=True)
+    click.echo(str(config_path))
+
+
 def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _spread(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
     try:
         _check_profile()

@@ -232,6 +232,14 @@ class EvalConfig:
     # Measure the base (adapters off) too; false skips that side, the slowest to decode
     # (an untuned model rambles to max_new_tokens) when its numbers are already known.
     base: bool = True
+    # The few-shot side: the base with this many training examples (the nearest to each
+    # request by word overlap) as earlier turns; 0 skips it. See mlxtune.evaluate.few_shot.
+    shots: int = field(default=3, metadata={"min": 0})
+    # The forgetting check: the tuned model on the base's own answers to general prompts.
+    forgetting: bool = True
+    # Its prompts: a JSONL file of {"prompt": ...} or {"messages": [...]} (None: the probe
+    # shipped with mlxtune, mlxtune/evaluate/general_probe.jsonl).
+    general: Optional[str] = None
     show: int = field(default=3, metadata={"min": 0})  # examples side by side
     # Dequantize a quantized base once for eval on the CPU backend (same weights, faster
     # decoding); auto: when its float32 copy takes under a quarter of the memory.
@@ -258,7 +266,7 @@ class Config:
 
 # Keys whose values are paths, resolved against the config file's folder.
 PATH_KEYS = ("model.path", "model.adapter", "data.train", "data.valid", "data.test", "data.path",
-             "eval.schema", "eval.data")
+             "eval.schema", "eval.data", "eval.general")
 
 
 # ----------------------------------------------------------------------------- loading

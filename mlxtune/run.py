@@ -226,7 +226,8 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         from mlxtune.evaluate import evaluate_run, report
 
         del trainer, model, loaded  # the evaluation loads the model afresh
-        progress.message(report.table(evaluate_run(run_dir, log=progress.message, cfg=cfg)))
+        progress.message(report.table(evaluate_run(run_dir, log=progress.message, cfg=cfg,
+                                                   status=progress.status)))
     return run_dir, result
 
 

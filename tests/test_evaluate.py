@@ -377,11 +377,28 @@ def test_eval_command_end_to_end(trained_under, capsys, profile):
         again = Scorer([e["reference"] for e in shown]).score([e[name] for e in shown])
         for key, value in again.items():
             assert result[name][key] == pytest.approx(value), (name, key)
-    lines = (trained / "eval_predictions.jsonl").read_text().splitlines()
-    assert [json.loads(x) for x in lines] == [
-        {k: e[k] for k in ("source", "reference", "base", "tuned")} for e in shown]
+    lines = [json.loads(x) for x in (trained / "eval_predictions.jsonl").read_text()
+             .splitlines()]
+    assert [{k: v for k, v in x.items() if k != "shots"} for x in lines] == [
+        {k: e[k] for k in ("source", "reference", "base", "few_shot", "tuned")} for e in shown]
+    assert all(len(x["shots"]) == 3 for x in lines)  # eval.shots: 3 by default
+    # The few-shot side: every metric the others have, more prompt tokens per request.
+    few = result["few_shot"]
+    assert set(base) - {"shots"} <= set(few) and few["shots"] == 3.0
+    assert few["prompt_tokens"] > base["prompt_tokens"] == tuned["prompt_tokens"]
+    assert [k for k in result if k in ("base", "few_shot", "tuned")] == [
+        "base", "few_shot", "tuned"]
+    md = (trained / "eval.md").read_text().splitlines()
+    assert md[2] == result["verdict"] and "3-shot" in md[2]
+    assert "| | base | 3-shot | tuned |" in md
+    assert result["forgetting"]["prompts"] == 100  # the packaged probe
     events = [e for e in read_events(trained) if e["event"] == "eval"]
     assert events[-1]["tuned"]["loss"] == pytest.approx(tuned["loss"])
+    assert events[-1]["few_shot"]["loss"] == pytest.approx(few["loss"])
+    assert events[-1]["verdict"] == result["verdict"]
+    # Progress on every side: examples done, tokens/s, ETA.
+    for side in ("base", "few_shot", "tuned", "probe, base", "probe, tuned"):
+        assert f"  {side}: " in out.err and "ETA" in out.err, side
 
 
 def test_eval_table_limit_and_final_adapter(trained, capsys):

@@ -45,8 +45,10 @@ def _batchable(model: nn.Module) -> bool:
 
 
 def greedy(model: nn.Module, prompts: list[list[int]], stop_ids: set[int],
-           max_new_tokens: int, batch_size: int = 16) -> tuple[list[Generation], float]:
-    """Greedy continuations of every prompt (in the order given) and the wall time taken."""
+           max_new_tokens: int, batch_size: int = 16,
+           on_batch=None) -> tuple[list[Generation], float]:
+    """Greedy continuations of every prompt (in the order given) and the wall time taken.
+    `on_batch(done, generated_tokens, seconds)` is called after each batch (progress)."""
     from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
     if not _batchable(model):
@@ -54,6 +56,7 @@ def greedy(model: nn.Module, prompts: list[list[int]], stop_ids: set[int],
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     out: list[Generation | None] = [None] * len(prompts)
     start = time.perf_counter()
+    steps = 0
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         rows = [prompts[i] for i in idx]
@@ -66,6 +69,9 @@ def greedy(model: nn.Module, prompts: list[list[int]], stop_ids: set[int],
             cache = [BatchKVCache(pads) for _ in range(len(model.layers))]
         for i, gen in zip(idx, _decode(model, tokens, cache, stop_ids, max_new_tokens)):
             out[i] = gen
+            steps += gen.steps
+        if on_batch is not None:
+            on_batch(b + len(idx), steps, time.perf_counter() - start)
     return out, time.perf_counter() - start
 
 

@@ -61,6 +61,10 @@ class Progress:
     def message(self, text: str) -> None:
         self._write(text, final=True)
 
+    def status(self, text: str) -> None:
+        """A progress line: redrawn in place on a terminal, a plain line otherwise."""
+        self._write(text, final=not self.tty)
+
     def start(self, step: int, total: int) -> None:
         self._t0, self._step0, self.total = time.perf_counter(), step, total
 

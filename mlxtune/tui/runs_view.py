@@ -51,13 +51,30 @@ class RunRow:
         return self.run_dir.name
 
 
-def eval_rows(result: dict) -> list[tuple[str, str, str]]:
-    """(metric, base, tuned) for the numbers both sides of eval.json report."""
-    base, tuned = result.get("base") or {}, result.get("tuned") or {}
+SIDES = ("base", "few_shot", "start", "tuned")
+
+
+def eval_sides(result: dict) -> list[str]:
+    """The sides eval.json holds, in eval's order (few_shot shown as 'K-shot')."""
+    return [s for s in SIDES if isinstance(result.get(s), dict)]
+
+
+def side_label(name: str, result: dict) -> str:
+    if name == "few_shot":
+        return f"{(result.get('few_shot_setup') or {}).get('shots', 'k')}-shot"
+    return name
+
+
+def eval_rows(result: dict) -> list[tuple[str, ...]]:
+    """(metric, value per side) for the numbers the tuned side (and the others) report."""
+    names = eval_sides(result)
+    others = [result[s] for s in names if s != "tuned"]
+    tuned = result.get("tuned") or {}
     rows = []
-    for key in [k for k in tuned if k in base] or list(tuned):
-        b, t = base.get(key), tuned.get(key)
-        if not all(isinstance(v, (int, float)) or v is None for v in (b, t)):
+    keys = [k for k in tuned if any(k in o for o in others)] or list(tuned)
+    for key in keys:
+        values = [result[s].get(key) for s in names]
+        if not all(isinstance(v, (int, float)) or v is None for v in values):
             continue
 
         def fmt(v):
@@ -69,18 +86,30 @@ def eval_rows(result: dict) -> list[tuple[str, str, str]]:
                 return f"{100 * v:.1f}%"
             return str(v) if isinstance(v, int) else f"{v:.4g}"
 
-        rows.append((key.replace("_", " "), fmt(b), fmt(t)))
+        rows.append((key.replace("_", " "), *(fmt(v) for v in values)))
     return rows
 
 
 def eval_summary(result: dict | None, keys=("loss", "json_valid", "exact_match",
                                             "schema_match", "metric")) -> str:
+    """'eval (test): loss 1.44→0.08, ...' (base→tuned); with a verdict (eval.json of
+    mlxtune 0.1 onwards), the verdict on a line of its own above it."""
     if not result:
         return ""
-    rows = {label: (b, t) for label, b, t in eval_rows(result)}
-    parts = [f"{k.replace('_', ' ')} {rows[k.replace('_', ' ')][0]}→"
-             f"{rows[k.replace('_', ' ')][1]}" for k in keys if k.replace("_", " ") in rows]
-    return f"eval ({result.get('split', '?')}): " + ", ".join(parts[:3])
+    names = eval_sides(result)
+    rows = {r[0]: dict(zip(names, r[1:])) for r in eval_rows(result)}
+    first = "base" if "base" in names else names[0] if names else None
+    parts = [f"{k.replace('_', ' ')} {rows[k.replace('_', ' ')].get(first, '-')}→"
+             f"{rows[k.replace('_', ' ')].get('tuned', '-')}"
+             for k in keys if k.replace("_", " ") in rows]
+    line = f"eval ({result.get('split', '?')}): " + ", ".join(parts[:3])
+    forgetting = result.get("forgetting")
+    if isinstance(forgetting, dict) and forgetting.get("changed") is not None:
+        added = forgetting.get("added_nats_per_token")
+        line += (f"; forgetting: {100 * forgetting['changed']:.0f}% of general answers "
+                 f"changed" + (f", {added:+.3f} nats/token" if added is not None else ""))
+    verdict = result.get("verdict")
+    return f"{verdict}\n{line}" if verdict else line
 
 
 class RunsScreen(Screen):
@@ -95,7 +124,7 @@ class RunsScreen(Screen):
     DEFAULT_CSS = """
     RunsScreen #table { height: auto; max-height: 10; }
     RunsScreen #overlay { border: round $primary; height: 1fr; }
-    RunsScreen #eval-line { height: 1; padding: 0 1; color: $text-muted; }
+    RunsScreen #eval-line { height: auto; max-height: 2; padding: 0 1; color: $text-muted; }
     """
 
     class Rows(Message):
@@ -339,10 +368,12 @@ class EvalDialog(ModalScreen):
             yield Label(Text(f"eval.json of {self.run_name}", "bold"))
             yield Label(f"{r.get('split', '?')} split, {r.get('split_examples', '?')} "
                         f"examples; adapter {Path(str(r.get('adapter', '?'))).name}/")
+            if r.get("verdict"):
+                yield Label(Text(r["verdict"]))
             table = DataTable(show_cursor=False)
-            table.add_columns("metric", "base", "tuned")
-            for label, b, t in eval_rows(r):
-                table.add_row(label, b, t)
+            table.add_columns("metric", *(side_label(n, r) for n in eval_sides(r)))
+            for row in eval_rows(r):
+                table.add_row(*row)
             yield table
             yield Label(Text("escape closes", "dim"))
 

@@ -5,6 +5,8 @@
     mlx-fused   base + adapter merged, an mlx-lm folder (mlx_fused)
     gguf-fused  base + adapter merged, one GGUF file (gguf_fused)
     ollama      Modelfile + GGUF adapter folder (ollama)
+    hub         a folder for the Hugging Face Hub: PEFT + mlx-lm + GGUF adapters, a model
+                card; --push uploads it (hub)
 
 `lora.read` checks the run and reads the adapter; each format is one module with a
 `write`. Output goes to a temporary sibling first and is renamed into place when complete,
@@ -37,6 +39,7 @@ FORMATS = {
                         ("f16", "bf16", "f32", "q8", "q4")),
     "gguf-fused": Format("gguf-fused", False, "fused-{outtype}.gguf", ("f16", "q8_0", "f32")),
     "ollama": Format("ollama", True, "ollama", ()),
+    "hub": Format("hub", True, "hub", ("f16", "f32")),   # outtype: the GGUF adapter's
 }
 ADAPTER_CHOICES = ("auto", "best", "final")
 
@@ -51,11 +54,16 @@ class Result:
 
 
 def export(run_dir: str | Path, to: str, out: str | Path | None = None,
-           adapter: str = "auto", force: bool = False, outtype: str | None = None) -> Result:
+           adapter: str = "auto", force: bool = False, outtype: str | None = None,
+           push: str | None = None, private: bool = False) -> Result:
     from mlxtune.export import lora as lora_mod
 
     if to not in FORMATS:
         raise ExportError(f"--to: unknown format '{to}' (supported: {', '.join(FORMATS)})")
+    if (push or private) and to != "hub":
+        raise ExportError(f"--{'push' if push else 'private'}: only with --to hub")
+    if private and not push:
+        raise ExportError("--private: only with --push REPO_ID")
     fmt = FORMATS[to]
     if outtype is not None and outtype not in fmt.outtypes:
         supported = ", ".join(fmt.outtypes) if fmt.outtypes else "none: it takes no --outtype"
@@ -73,6 +81,9 @@ def export(run_dir: str | Path, to: str, out: str | Path | None = None,
                           f"{to} writes a {'folder' if fmt.is_folder else 'file'}")
 
     lora = lora_mod.read(run_dir, adapter)
+    if push:
+        from mlxtune.export import hub
+        hub.check_push(push)   # a token and a Hub that answers, before anything is written
     note = ""
     with _staged(path, fmt.is_folder) as tmp:
         if to == "gguf":
@@ -90,11 +101,18 @@ def export(run_dir: str | Path, to: str, out: str | Path | None = None,
         elif to == "gguf-fused":
             from mlxtune.export import gguf_fused
             gguf_fused.write(lora, tmp, outtype)
+        elif to == "hub":
+            from mlxtune.export import hub
+            note = hub.write(lora, tmp, outtype, repo_id=push)
         else:
             from mlxtune.export import ollama
             family = ollama.write(lora, tmp)
             note = f"chat template: {family}" if family else \
                 "chat template: not recognised, left to Ollama (see the Modelfile)"
+    if push:
+        url = hub.push(path, push, private)
+        note = f"{note}; " if note else ""
+        note += f"uploaded to {url}"
     return Result(path, to, lora.adapter_dir, outtype, note)
 
 

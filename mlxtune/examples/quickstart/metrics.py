@@ -1,0 +1,1 @@
+../../../data/quickstart/metrics.py

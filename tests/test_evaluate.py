@@ -3,6 +3,7 @@ against numpy, greedy decoding against one-at-a-time full forwards and mlx_lm, t
 directory end to end, and bad input."""
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -482,3 +483,45 @@ def test_quickstart_field_accuracy_by_hand():
     assert field_accuracy('{"title": "Renew the domain"}', ref) == pytest.approx(1 / 6)
     assert field_accuracy("```json\n" + ref + "\n```", ref) == 0.0
     assert field_accuracy("[1]", ref) == 0.0
+
+
+# ----------------------------------------------------------------------------- TUI
+
+
+def test_tui_runs_view_shows_the_verdict(tmp_path, monkeypatch):
+    """The runs view's eval line: the verdict, then base→tuned and the forgetting figures;
+    the eval dialog has a column per side (K-shot included)."""
+    from test_tui import fake_run, make_app, run_app, screen_text, wait_for
+
+    verdict = ("The tuned adapter beats 3-shot prompting by 0.561 in field accuracy "
+               "(0.834 vs 0.273) on 179 test examples.")
+    monkeypatch.chdir(tmp_path)
+    fake_run(tmp_path / "runs" / "qs", 80, 80, "done", 3e-4, eval_result={
+        "split": "test", "split_examples": 179, "adapter": "runs/qs/best",
+        "few_shot_setup": {"shots": 3}, "verdict": verdict,
+        "base": {"loss": 1.4393, "json_valid": 0.0, "metric": 0.0},
+        "few_shot": {"loss": 0.9, "json_valid": 0.5, "metric": 0.273},
+        "tuned": {"loss": 0.084, "json_valid": 1.0, "metric": 0.834},
+        "forgetting": {"changed": 0.42, "added_nats_per_token": 0.318}})
+    app = make_app(None, Path("runs"))
+
+    async def body(pilot):
+        screen = app.screen
+        await wait_for(pilot, lambda: len(screen.rows) == 1, what="the run")
+        await pilot.pause(0.3)
+        line = str(screen.query_one("#eval-line").render())
+        first, second = line.splitlines()
+        assert first == verdict
+        assert second.startswith("eval (test): loss 1.439→0.084, json valid 0.0%→100.0%")
+        assert "forgetting: 42% of general answers changed, +0.318 nats/token" in second
+        text = screen_text(app)
+        assert "The tuned adapter beats 3-shot prompting" in text
+        await pilot.press("v")
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        header = next(ln for ln in text.splitlines() if "metric" in ln and "tuned" in ln)
+        assert header.index("base") < header.index("3-shot") < header.index("tuned")
+        if os.environ.get("MLXTUNE_SAVE_SVG"):
+            Path(os.environ["MLXTUNE_SAVE_SVG"]).write_text(app.export_screenshot())
+
+    run_app(app, body)

@@ -568,7 +568,7 @@ def test_eval_of_a_dpo_run_compares_base_start_and_tuned(dpo_workdir, capsys, pr
     assert result["tuned"]["reward_margin"] == pytest.approx(0.5 * h.mean(), rel=1e-4)
     assert "reward_accuracy" not in result["start"]
     md = (run_dir / "eval.md").read_text()
-    assert "| | base | start | tuned |" in md and "preference accuracy" in md
+    assert "| | base | 3-shot | start | tuned |" in md and "preference accuracy" in md
     preds = [json.loads(line) for line in (run_dir / "eval_predictions.jsonl").open()]
     assert len(preds) == len(records) and {"base", "start", "tuned"} <= set(preds[0])
 
@@ -633,7 +633,7 @@ def test_eval_on_another_data_file_measures_the_sft_task(dpo_workdir, capsys):
     assert code == 0, out.err
     result = json.loads(out.out)
     assert "base" not in result  # --no-base
-    assert "| | start | tuned |" in (run_dir / "eval-chats.md").read_text()
+    assert "| | 3-shot | start | tuned |" in (run_dir / "eval-chats.md").read_text()
     assert not (run_dir / "eval.json").exists()
     assert json.loads((run_dir / "eval-chats.json").read_text()) == result
     assert (run_dir / "eval-chats.md").read_text().startswith("# Evaluation")

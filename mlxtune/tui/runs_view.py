@@ -124,7 +124,8 @@ class RunsScreen(Screen):
     DEFAULT_CSS = """
     RunsScreen #table { height: auto; max-height: 10; }
     RunsScreen #overlay { border: round $primary; height: 1fr; }
-    RunsScreen #eval-line { height: auto; max-height: 2; padding: 0 1; color: $text-muted; }
+    RunsScreen #eval-line { height: auto; max-height: 2; padding: 0 1; color: $text-muted;
+                            text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
     class Rows(Message):
@@ -355,6 +356,7 @@ class EvalDialog(ModalScreen):
     EvalDialog > Vertical { width: 70; max-height: 22; height: auto; border: thick $primary;
                             background: $surface; padding: 0 1; }
     EvalDialog DataTable { height: auto; max-height: 16; }
+    EvalDialog #verdict, EvalDialog #forgetting { width: 100%; height: auto; }
     """
     BINDINGS = [("escape", "dismiss", "Close"), ("v", "dismiss", "Close")]
 
@@ -369,12 +371,19 @@ class EvalDialog(ModalScreen):
             yield Label(f"{r.get('split', '?')} split, {r.get('split_examples', '?')} "
                         f"examples; adapter {Path(str(r.get('adapter', '?'))).name}/")
             if r.get("verdict"):
-                yield Label(Text(r["verdict"]))
+                yield Static(Text(r["verdict"]), id="verdict")
             table = DataTable(show_cursor=False)
             table.add_columns("metric", *(side_label(n, r) for n in eval_sides(r)))
             for row in eval_rows(r):
                 table.add_row(*row)
             yield table
+            f = r.get("forgetting")
+            if isinstance(f, dict) and f.get("changed") is not None:
+                added = f.get("added_nats_per_token")
+                yield Static(Text(f"forgetting ({f.get('prompts', '?')} general prompts): "
+                                  f"{100 * f['changed']:.0f}% of answers changed"
+                                  + (f", {added:+.3f} nats/token on the base's answers"
+                                     if added is not None else "")), id="forgetting")
             yield Label(Text("escape closes", "dim"))
 
 

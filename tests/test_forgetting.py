@@ -154,3 +154,14 @@ def test_eval_reports_forgetting_and_bad_general_is_one_line(tmp_path, tiny_mode
     assert f"{bad}:2: needs a non-empty 'prompt'" in out.err
     assert (tmp_path / "run" / "eval.json").read_bytes() == before  # nothing written
 
+
+
+def test_a_bad_general_file_in_the_config_fails_before_training(tmp_path, tiny_model_dir,
+                                                                capsys):
+    from test_evaluate import write_config
+
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    config = write_config(tmp_path, tiny_model_dir, eval={"general": "bad.jsonl"})
+    code, out = run_cli(["run", str(config), "--run-dir", str(tmp_path / "run")], capsys)
+    assert code != 0 and f"{tmp_path / 'bad.jsonl'}:1: not a JSON object" in out.err
+    assert len(out.err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

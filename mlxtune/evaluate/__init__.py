@@ -91,9 +91,12 @@ def adapter_dir(run_dir: Path, which: str) -> Path:
 
 
 def check(cfg: Config) -> tuple[Schema | None, Callable | None]:
-    """Load and check the schema file and the user metric the config names."""
+    """Load and check the schema file and the user metric the config names (and the
+    forgetting check's prompt file, eval.general)."""
     schema = Schema(cfg.eval.schema) if cfg.eval.schema else None
     metric = load_metric(cfg.eval.metric) if cfg.eval.metric else None
+    if cfg.eval.forgetting and cfg.eval.general:
+        forgetting.load(cfg.eval.general)
     return schema, metric
 
 
@@ -485,8 +488,6 @@ def evaluate_run(run_dir: Path, overrides: dict | None = None,
     records, fmt = held_out(cfg, ev.split)
     shots = ev.shots if fmt != "text" else 0
     train = train_records(cfg) if shots else None
-    if ev.forgetting:
-        forgetting.load(ev.general)  # a bad prompt file fails before the model loads
 
     log(f"eval: {ev.split} split of {ev.data or run_dir} ({len(records)} examples), "
         f"adapter {which.name}/")

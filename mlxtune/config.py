@@ -51,9 +51,16 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    type: str = field(default="lora", metadata=_choices("lora"))
+    # lora: low-rank matrices A, B beside each target layer (W + scale * (A @ B).T);
+    # dora: LoRA plus a trained magnitude per output row (Liu et al. 2024; mlx-lm's and
+    # PEFT's DoRA); full: every weight of the adapted blocks trains (no rank, alpha,
+    # dropout or targets; needs a dense base). See mlxtune.adapters.
+    type: str = field(default="lora", metadata=_choices("lora", "dora", "full"))
     rank: int = field(default=8, metadata={"min": 1})
+    # scale = alpha / rank, or alpha / sqrt(rank) with rslora.
     alpha: float = field(default=16.0, metadata={"min": 0.0})
+    # rsLoRA (Kalajdzievski 2023): scale alpha / sqrt(rank), so that higher ranks keep learning.
+    rslora: bool = False
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})
     # Module names inside each transformer block (e.g. self_attn.q_proj, mlp.down_proj) or
     # short names (q_proj). Empty: every linear layer of the block.
@@ -207,6 +214,9 @@ class TrainConfig:
     cpu_streams: int = field(default=1, metadata={"min": 1})
     compile: bool = True
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # LoRA+ (Hayou et al. 2024): lora_b (and DoRA's magnitudes, as PEFT groups them)
+    # learn at this many times learning_rate, lora_a at learning_rate. None: off.
+    lora_plus_ratio: Optional[float] = field(default=None, metadata={"min": 1.0})
     # Experiment trackers fed from the same events as events.jsonl (rank 0 only): a name
     # or a list of tensorboard, wandb, mlflow, trackio; each an optional package
     # (mlxtune.train.tracking). [] or "none": events.jsonl alone.
@@ -455,9 +465,32 @@ def _check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: objective.beta: must be > 0 for {o.type}")
     if cfg.adapter.rank > 4096:
         raise ConfigError(f"{where}: adapter.rank: {cfg.adapter.rank} is implausibly large")
+    _check_adapter(cfg, where)
     cfg.train.report_to = _trackers(cfg.train.report_to, where)
     if not str(cfg.name).strip() or "/" in str(cfg.name):
         raise ConfigError(f"{where}: name: must be a non-empty name without '/'")
+
+
+def _check_adapter(cfg: Config, where: str) -> None:
+    """adapter.type against the keys that go with it."""
+    a, t, o = cfg.adapter, cfg.train, cfg.objective
+    if a.type == "full":
+        if t.lora_plus_ratio is not None:
+            raise ConfigError(f"{where}: train.lora_plus_ratio: LoRA+ sets the learning rate "
+                              "of LoRA's B matrices; adapter.type full has none")
+        if a.rslora:
+            raise ConfigError(f"{where}: adapter.rslora: scales a LoRA update; adapter.type "
+                              "full has none")
+        q = cfg.model.quantize
+        if q is not None and q.format != "none":
+            raise ConfigError(f"{where}: model.quantize: adapter.type full trains every weight "
+                              "and needs a dense base (remove model.quantize, or use lora / "
+                              "dora for a quantized base)")
+        if o.type == "dpo" and not o.precompute_reference:
+            raise ConfigError(f"{where}: objective.precompute_reference: dpo with adapter.type "
+                              "full needs it true (the reference is the starting weights: "
+                              "computed once before training instead of keeping a second "
+                              "copy of every trained weight)")
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")

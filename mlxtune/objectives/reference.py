@@ -3,7 +3,10 @@
 The reference is the model being trained, run with its trainable adapter set aside
 (`adapters.reference_pass`): the base alone for a fresh adapter, or the base plus a frozen
 copy of the adapter the run started from (`model.adapter`, e.g. an SFT run's adapters/;
-see `adapters.freeze_reference`). Its log-probs are computed in a forward pass of their
+see `adapters.freeze_reference`; DoRA's copy includes its magnitudes). A full fine-tune
+has no adapter to set aside: its reference is its starting weights, so dpo with
+`adapter.type: full` requires `objective.precompute_reference` (config.py), computed
+before the first update, instead of a second copy of every trained weight. Its log-probs are computed in a forward pass of their
 own, outside the policy's gradient graph, and handed to the loss as an input: the policy
 step then holds the same activations as an SFT step over the same rows.
 
@@ -102,8 +105,10 @@ class Reference:
         return out
 
     def precompute(self, split: str, pairs: list[Pair], run_dir: Path, identity: dict,
-                   batch_size: int, log=lambda _msg: None) -> Path:
-        """Compute (or read back) the reference log-probs of every pair of a split."""
+                   batch_size: int, log=lambda _msg: None, compute: bool = True) -> Path:
+        """Compute (or read back) the reference log-probs of every pair of a split.
+        `compute` false: only read back (a full fine-tune past its first step no longer
+        holds its reference weights)."""
         key = cache_key(pairs, identity, self.model)
         path = Path(run_dir) / CACHE_DIR / f"{split}-{key[:20]}.npy"
         if path.is_file():
@@ -112,6 +117,13 @@ class Reference:
                 self.cached[split] = values
                 log(f"reference log-probs: {split}: {len(pairs)} pairs read from {path}")
                 return path
+        if not compute:
+            from mlxtune.errors import TrainingStopped
+
+            raise TrainingStopped(
+                f"{path}: the reference log-probs of a full fine-tune are missing and cannot "
+                "be recomputed after its first step (the starting weights are overwritten); "
+                "start the run again")
         start = time.perf_counter()
         values = np.zeros((len(pairs), 2), dtype=np.float32)
         for idx in batch_order([len(p) for p in pairs], batch_size, 0, 0):
@@ -146,7 +158,7 @@ def cache_key(pairs: list[Pair], identity: dict, model: nn.Module) -> str:
     for name, m in adapters.lora_layers(model):
         if "ref_lora_a" in m:
             h.update(name.encode())
-            for w in (m.ref_lora_a, m.ref_lora_b):
+            for w in (m.ref_lora_a, m.ref_lora_b, *([m.ref_m] if "ref_m" in m else [])):
                 h.update(np.array(w.astype(mx.float32)).tobytes())
             h.update(str(m.scale).encode())
     return h.hexdigest()

@@ -75,6 +75,17 @@ def save(ckpt_root: Path, step: int, model, adapter_config: dict, optimizer,
     return final
 
 
+def file_digest(folder) -> str:
+    """sha256 of an adapter folder's weights file (what a full fine-tune started from)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(folder) / adapters.ADAPTER_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = Path(ckpt_root)

@@ -28,7 +28,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from mlxtune import backend, data, forward, objectives
+from mlxtune import adapters, backend, data, forward, objectives
 from mlxtune.config import Config
 from mlxtune.data.batcher import Batcher
 from mlxtune.data.preference import PairBatcher, collate_pairs
@@ -141,6 +141,10 @@ class Trainer:
         self.train_set, self.valid_set = train_set, valid_set
         self.run_dir, self.events, self.progress = Path(run_dir), events, progress
         self.pad_id = pad_id
+        # A full fine-tune trains its blocks in place: no other set of their weights is
+        # kept (its DPO reference log-probs are precomputed before the first update).
+        adapters.release_kept_weights(model)
+        self.full = adapters.is_full(model)
         self.loss_fn = objectives.build(cfg)
         # Preference objectives train on pairs (train_set / valid_set hold data.preference.Pair).
         self.preference = cfg.objective.type in objectives.PREFERENCE
@@ -179,12 +183,18 @@ class Trainer:
         m = self.cfg.model
         identity = {"model": m.path, "revision": m.revision, "dtype": m.dtype,
                     "quantize": None if m.quantize is None else vars(m.quantize)}
+        if self.full:
+            # The reference is the starting weights, which training overwrites: the key
+            # names them by the starting adapter's file, and they cannot be recomputed
+            # once the run has taken a step.
+            identity["full"] = checkpoint.file_digest(m.adapter) if m.adapter else "base"
         for split, pairs in (("train", self.train_set), ("valid", self.valid_set)):
             if not pairs:
                 continue
             if self.world.main:  # it writes the cache; the other ranks receive the values
                 self.reference.precompute(split, pairs, self.run_dir, identity,
-                                          self.cfg.train.batch_size, self.progress.message)
+                                          self.cfg.train.batch_size, self.progress.message,
+                                          compute=not (self.full and self.pos.step > 0))
             if self.world.size > 1:
                 values = self.reference.cached.get(split)
                 if values is None:
@@ -396,7 +406,8 @@ class Trainer:
 
             if pos.step % t.log_every == 0 or pos.step == self.total:
                 now = time.perf_counter()
-                lr = optimizer.learning_rate
+                # LoRA+ (two optimizers): the base learning rate, lora_a's
+                lr = getattr(optimizer, "optimizers", [optimizer])[-1].learning_rate
                 denom = max(interval_weight, 1)
                 record = self.events.emit(
                     "train", step=pos.step, loss=interval_loss / denom,

@@ -26,8 +26,29 @@ def schedule(cfg: TrainConfig, total_steps: int):
     return optim.join_schedules([warm, main], [cfg.warmup])
 
 
+def _scaled(lr, ratio: float):
+    if callable(lr):
+        return lambda step: ratio * lr(step)
+    return ratio * lr
+
+
+def is_lora_plus_b(path: str, _value=None) -> bool:
+    """LoRA+'s faster group, as PEFT's create_loraplus_optimizer forms it: the B matrices
+    and the one-dimensional parameters (DoRA's magnitudes)."""
+    return path.endswith(".lora_b") or path.endswith(".m")
+
+
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optim.Optimizer:
-    lr = schedule(cfg, total_steps)
+    """The optimizer of train.optimizer with the schedule; with train.lora_plus_ratio,
+    two of them (LoRA+): lora_b and DoRA's magnitudes at ratio x the learning rate."""
+    if cfg.lora_plus_ratio is None:
+        return _make(cfg, schedule(cfg, total_steps))
+    return optim.MultiOptimizer(
+        [_make(cfg, _scaled(schedule(cfg, total_steps), cfg.lora_plus_ratio)),
+         _make(cfg, schedule(cfg, total_steps))], [is_lora_plus_b])
+
+
+def _make(cfg: TrainConfig, lr) -> optim.Optimizer:
     if cfg.optimizer == "adamw":
         return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":

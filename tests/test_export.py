@@ -380,7 +380,8 @@ def _broken_run(tmp_path, base, weights: dict | None = None, config: dict | None
     ("target", "target module mlp.fc1 cannot be exported (supported: q_proj, k_proj"),
     ("no-adapter", "the run has no adapter in adapters/"),
     ("not-a-run", "not a run directory"),
-    ("format", "unknown format 'onnx' (supported: gguf, peft, mlx-fused, gguf-fused, ollama)"),
+    ("format", "unknown format 'onnx' (supported: gguf, peft, mlx-fused, gguf-fused, ollama, "
+               "hub)"),
     ("outtype", "'q4_k' is not a type for gguf-fused (supported: f16, q8_0, f32)"),
     ("shape", "adapts a 64x32 weight"),
     ("rank", "rank 4, but the adapter's matrices have rank 2"),

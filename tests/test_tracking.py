@@ -83,7 +83,8 @@ def test_metric_names_are_the_trainers():
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("tensorboard", ["tensorboard"]), (["WandB", "tensorboard", "wandb"], ["wandb", "tensorboard"]),
+    ("tensorboard", ["tensorboard"]),
+    (["WandB", "tensorboard", "wandb"], ["wandb", "tensorboard"]),
     ("tensorboard,wandb", ["tensorboard", "wandb"]), ("none", []), ([], [])])
 def test_report_to_takes_a_name_or_a_list(value, expected):
     from mlxtune.config import from_dict

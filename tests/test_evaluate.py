@@ -525,3 +525,23 @@ def test_tui_runs_view_shows_the_verdict(tmp_path, monkeypatch):
             Path(os.environ["MLXTUNE_SAVE_SVG"]).write_text(app.export_screenshot())
 
     run_app(app, body)
+
+
+def test_progress_line_by_hand():
+    from mlxtune.evaluate import ticker
+
+    clock = iter([100.0, 110.0, 112.0, 130.0])
+    lines = []
+    tick = ticker(lines.append, "few_shot", 40, tokens=True, clock=lambda: next(clock))
+    tick(10, 500, 10.0)   # t = 110: the first line
+    tick(12, 600, 12.0)   # t = 112: under 5 s since the last line, skipped
+    tick(40, 2000, 30.0)  # t = 130: the last line of the side, always
+    # ETA: 10 s for 10 examples, 30 to go -> 30 s.
+    assert lines == ["  few_shot: 10/40 examples, 500 tokens, 50.0 tokens/s, ETA 00:30",
+                     "  few_shot: 40/40 examples, 2000 tokens, 66.7 tokens/s, ETA 00:00"]
+    lines.clear()
+    clock = iter([0.0, 3.0])
+    tick = ticker(lines.append, "base loss", 8, clock=lambda: next(clock))
+    tick(4)
+    assert lines == ["  base loss: 4/8 examples, ETA 00:03"]
+    assert ticker(None, "x", 1) is None

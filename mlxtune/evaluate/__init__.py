@@ -50,6 +50,7 @@ from mlxtune.evaluate import few_shot, forgetting, generate, preference, report
 from mlxtune.evaluate.metrics import Scorer, Schema, load_metric
 
 PAD_MULTIPLE = 32  # as the trainer pads, so eval losses equal validation losses
+TICK_S = 5.0  # progress lines at most this often (and the last one of a side)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -273,15 +274,20 @@ def measure_side(model, tokenizer, held, prompts, scorer: Scorer | None, cfg: Co
     return out, raw, texts
 
 
-def ticker(status, what: str, total: int, tokens: bool = False):
+def ticker(status, what: str, total: int, tokens: bool = False, clock=time.perf_counter):
     """A progress callback for generate.greedy (done, tokens, seconds) or row_losses
     (done): '  NAME: 48/179 examples, 612 tokens, 20.4 tokens/s, ETA 02:10'."""
     if status is None:
         return None
-    t0 = time.perf_counter()
+    t0 = clock()
+    last = [-math.inf]
 
     def tick(done, steps=None, seconds=None):
-        seconds = time.perf_counter() - t0 if seconds is None else seconds
+        now = clock()
+        if done < total and now - last[0] < TICK_S:
+            return  # at most a line every TICK_S seconds, and the last one
+        last[0] = now
+        seconds = now - t0 if seconds is None else seconds
         eta = seconds / done * (total - done) if done else 0.0
         rate = (f", {steps} tokens, {steps / max(seconds, 1e-9):.1f} tokens/s"
                 if tokens and steps is not None else "")

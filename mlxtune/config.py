@@ -102,8 +102,8 @@ class HubSplitsConfig:
 
 @dataclass
 class HubConfig:
-    # A Hugging Face dataset, read with the `datasets` library (pip install 'mlxtune[hub]');
-    # offline (HF_HUB_OFFLINE=1) from the local cache.
+    # A Hugging Face dataset, read with the `datasets` library (pip install
+    # 'mlxtune-lora[hub]'); offline (HF_HUB_OFFLINE=1) from the local cache.
     id: Optional[str] = None
     config: Optional[str] = None  # the dataset's configuration (subset) name
     revision: Optional[str] = None

@@ -3,7 +3,7 @@
 Besides JSONL, a data file may be a table: parquet (needs pyarrow, which the `hub` extra
 brings), csv (one row a record; cells holding JSON lists, such as a "messages" column, are
 parsed) or json (an array of objects, or one object a line). ``data.hub`` names a Hugging
-Face dataset instead, read with the `datasets` library (``pip install 'mlxtune[hub]'``):
+Face dataset instead, read with the `datasets` library (``pip install 'mlxtune-lora[hub]'``):
 online it is downloaded into the datasets cache as `datasets.load_dataset` does; with
 ``HF_HUB_OFFLINE=1`` it is read from that cache, and an id that is not there is a one-line
 error saying how to fetch it.
@@ -134,7 +134,7 @@ def _parquet_rows(path: Path, columns):
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading parquet files needs pyarrow: pip install "
-                        "'mlxtune[hub]'") from None
+                        "'mlxtune-lora[hub]'") from None
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow's errors for a corrupt or non-parquet file
@@ -274,7 +274,7 @@ def _import_datasets():
         import datasets
     except ImportError:
         raise DataError("data.hub: reading Hugging Face datasets needs the datasets "
-                        "library: pip install 'mlxtune[hub]'") from None
+                        "library: pip install 'mlxtune-lora[hub]'") from None
     datasets.utils.logging.set_verbosity_error()  # no "using the cached version" notes
     datasets.disable_progress_bars()
     return datasets

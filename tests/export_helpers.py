@@ -14,19 +14,24 @@ from mlxtune.config import AdapterConfig, ModelConfig
 
 def make_run(run_dir: Path, base: str | Path, rank: int = 4, alpha: float = 8.0,
              targets: list | None = None, layers: int = -1, seed: int = 1,
-             b_scale: float = 0.05, folder: str = "adapters") -> Path:
+             b_scale: float = 0.05, folder: str = "adapters", kind: str = "lora",
+             rslora: bool = False) -> Path:
     """A run directory as `mlxtune run` leaves it (config.yaml + an adapter folder), with
-    random non-zero LoRA weights so that the adapter changes the output."""
+    random non-zero LoRA weights so that the adapter changes the output (`kind` dora: the
+    magnitudes moved off the base's row norms too; full: every block weight perturbed)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(f"name: test\nmodel:\n  path: {base}\n")
     loaded = models.load(ModelConfig(path=str(base)))
-    cfg = adapters.apply_lora(loaded.model, AdapterConfig(rank=rank, alpha=alpha,
+    cfg = adapters.apply_lora(loaded.model, AdapterConfig(type=kind, rank=rank, alpha=alpha,
                                                           targets=targets or [],
-                                                          layers=layers))
+                                                          layers=layers, rslora=rslora))
     mx.random.seed(seed)
     new = []
     for k, v in tree_flatten(loaded.model.trainable_parameters()):
+        if kind == "full" or k.endswith(".m"):  # around the trained value, not from zero
+            new.append((k, v * (1 + 0.2 * mx.random.normal(v.shape))))
+            continue
         scale = b_scale if k.endswith("lora_b") else 1.0 / np.sqrt(v.shape[0])
         new.append((k, mx.random.normal(v.shape) * scale))
     loaded.model.load_weights(new, strict=False)

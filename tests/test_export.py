@@ -374,8 +374,9 @@ def _broken_run(tmp_path, base, weights: dict | None = None, config: dict | None
 
 
 @pytest.mark.parametrize("case,match", [
-    ("dora-config", "fine_tune_type 'dora' cannot be exported (supported: lora"),
-    ("dora-weights", "DoRA adapters cannot be exported (supported: lora)"),
+    ("dora-config", "q_proj has no DoRA magnitude m of 64 values"),
+    ("dora-weights", "is a DoRA magnitude, but the adapter config says fine_tune_type lora"),
+    ("unknown-type", "fine_tune_type 'qlora' cannot be exported (supported: lora, dora, full)"),
     ("embedding", "embeddings or the output layer cannot be exported (supported: linear"),
     ("target", "target module mlp.fc1 cannot be exported (supported: q_proj, k_proj"),
     ("no-adapter", "the run has no adapter in adapters/"),
@@ -393,6 +394,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, match, tmp_path, capsys)
     to, outtype = "gguf", []
     if case == "dora-config":
         run = _broken_run(tmp_path, base, config={"fine_tune_type": "dora"})
+    elif case == "unknown-type":
+        run = _broken_run(tmp_path, base, config={"fine_tune_type": "qlora"})
     elif case == "dora-weights":
         run = _broken_run(tmp_path, base, {**lin, "model.layers.0.self_attn.q_proj.m":
                                            mx.ones((64,))})
@@ -678,3 +681,97 @@ def test_gguf_base_logits_against_llama_cpp_under_each_profile(monkeypatch):
     assert rounded[0] > 1.05 * cpu[0]
     # bfloat16 activations (8-bit mantissa) through 30 blocks: correlation still >= 0.999.
     assert bf16[1] >= 0.999
+
+
+# -- DoRA, rsLoRA, full fine-tuning ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dora_q8_run(tmp_path_factory):
+    """A DoRA adapter on a quantized GGUF base (Q8_0 projections): QDoRA."""
+    from gguf import GGMLQuantizationType as T
+
+    tmp = tmp_path_factory.mktemp("export-dora")
+    base, args, ref = tiny_gguf(tmp / "base.gguf", types={"proj": T.Q8_0})
+    return make_run(tmp / "run", base, kind="dora"), base
+
+
+def test_dora_fused_exports_give_the_adapter_logits(dora_q8_run, tmp_path):
+    """gguf-fused (rows rescaled in the file's Q/K order) and mlx-fused (loaded by
+    mlx-lm) of a DoRA adapter compute what the adapter computes at run time."""
+    from mlx_lm import load as mlx_lm_load
+
+    run, base = dora_q8_run
+    plain, adapted = mlxtune_logits(base, run / "adapters", TOKENS)
+    assert np.abs(adapted - plain).max() > 0.05
+    fused_gguf = export(run, "gguf-fused", tmp_path / "fused.gguf", outtype="f32").path
+    fused, _ = mlxtune_logits(fused_gguf, None, TOKENS)
+    np.testing.assert_allclose(fused, adapted, atol=2e-4, rtol=1e-4)
+    folder = export(run, "mlx-fused", tmp_path / "fused", outtype="f32").path
+    model, _ = mlx_lm_load(str(folder))
+    fused = np.array(model(mx.array([TOKENS]))[0].astype(mx.float32))
+    np.testing.assert_allclose(fused, adapted, atol=2e-4, rtol=1e-4)
+
+
+def test_dora_peft_names_config_and_refusals(dora_q8_run, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    run, _ = dora_q8_run
+    out = export(run, "peft", tmp_path / "peft").path
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is False
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    ours = mx.load(str(run / "adapters" / "adapters.safetensors"))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    np.testing.assert_array_equal(tensors[f"{prefix}.lora_magnitude_vector"],
+                                  np.array(ours["model.layers.0.self_attn.q_proj.m"]))
+    assert len([k for k in tensors if k.endswith("lora_magnitude_vector")]) == \
+        len([k for k in ours if k.endswith(".m")])
+    for fmt, match in (("gguf", "a GGUF LoRA adapter cannot hold DoRA's magnitudes: export "
+                                "--to gguf-fused"),
+                       ("ollama", "Ollama's ADAPTER is a GGUF LoRA adapter")):
+        code, _, err = run_cli(capsys, "export", str(run), "--to", fmt, "--out",
+                               str(tmp_path / fmt))
+        assert code != 0 and match in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert not (tmp_path / fmt).exists() and leftovers(tmp_path) == []
+
+
+def test_rslora_scale_in_gguf_and_peft(tmp_path):
+    """rsLoRA's scale alpha / sqrt(r): llama.cpp applies alpha / r, so the GGUF adapter's
+    alpha is scale * r; PEFT gets use_rslora with the run's alpha."""
+    base, _, _ = tiny_gguf(tmp_path / "base.gguf")
+    run = make_run(tmp_path / "run", base, rank=16, alpha=8.0, rslora=True)
+    meta, _ = read_gguf(export(run, "gguf", tmp_path / "a.gguf").path)
+    assert meta["adapter.lora.alpha"][0] == pytest.approx(8.0 / 4 * 16)
+    config = json.loads((export(run, "peft", tmp_path / "peft").path /
+                         "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["lora_alpha"] == 8.0 and config["r"] == 16
+    # The merged model still equals the adapter at run time.
+    plain, adapted = mlxtune_logits(base, run / "adapters", TOKENS)
+    fused, _ = mlxtune_logits(export(run, "gguf-fused", tmp_path / "f.gguf",
+                                     outtype="f32").path, None, TOKENS)
+    np.testing.assert_allclose(fused, adapted, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_full_fine_tune_exports_as_a_model(model_type, tmp_path, capsys):
+    """A full fine-tune is a whole model: gguf-fused (its block tensors in the file's own
+    layout: Q/K interleave, norms) and mlx-fused reproduce it; adapter formats refuse."""
+    from mlx_lm import load as mlx_lm_load
+
+    base, _, _ = tiny_gguf(tmp_path / "base.gguf", model_type=model_type)
+    run = make_run(tmp_path / "run", base, kind="full")
+    plain, tuned = mlxtune_logits(base, run / "adapters", TOKENS)
+    assert np.abs(tuned - plain).max() > 0.05
+    fused, _ = mlxtune_logits(export(run, "gguf-fused", tmp_path / "f.gguf",
+                                     outtype="f32").path, None, TOKENS)
+    np.testing.assert_allclose(fused, tuned, atol=2e-4, rtol=1e-4)
+    model, _ = mlx_lm_load(str(export(run, "mlx-fused", tmp_path / "m", outtype="f32").path))
+    fused = np.array(model(mx.array([TOKENS]))[0].astype(mx.float32))
+    np.testing.assert_allclose(fused, tuned, atol=2e-4, rtol=1e-4)
+    for fmt in ("gguf", "peft", "ollama"):
+        code, _, err = run_cli(capsys, "export", str(run), "--to", fmt)
+        assert code != 0 and "a full fine-tune is a whole model, not an adapter: export it " \
+            "with --to mlx-fused" in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (run / "export").exists() or leftovers(run / "export") == []

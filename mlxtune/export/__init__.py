@@ -8,9 +8,11 @@
     hub         a folder for the Hugging Face Hub: PEFT + mlx-lm + GGUF adapters, a model
                 card; --push uploads it (hub)
 
-`lora.read` checks the run and reads the adapter; each format is one module with a
-`write`. Output goes to a temporary sibling first and is renamed into place when complete,
-so a failure leaves nothing behind, and an existing output is replaced only with `force`.
+`lora.read` checks the run and reads the adapter (LoRA, DoRA, or a full fine-tune's
+weights); each format is one module with a `write`, and `_check_kind` refuses, in one
+line, a format that cannot hold the run's adapter type. Output goes to a temporary sibling
+first and is renamed into place when complete, so a failure leaves nothing behind, and an
+existing output is replaced only with `force`.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def export(run_dir: str | Path, to: str, out: str | Path | None = None,
                           f"{to} writes a {'folder' if fmt.is_folder else 'file'}")
 
     lora = lora_mod.read(run_dir, adapter)
+    _check_kind(lora, to)
     if push:
         from mlxtune.export import hub
         hub.check_push(push)   # a token and a Hub that answers, before anything is written
@@ -114,6 +117,23 @@ def export(run_dir: str | Path, to: str, out: str | Path | None = None,
         note = f"{note}; " if note else ""
         note += f"uploaded to {url}"
     return Result(path, to, lora.adapter_dir, outtype, note)
+
+
+def _check_kind(lora, to: str) -> None:
+    """What each format can hold: a GGUF LoRA adapter (gguf, ollama) only LoRA; a full
+    fine-tune is a model, not an adapter (mlx-fused, gguf-fused)."""
+    where = lora.adapter_dir
+    if lora.kind == "full" and to not in ("mlx-fused", "gguf-fused"):
+        raise ExportError(f"{where}: a full fine-tune is a whole model, not an adapter: export "
+                          "it with --to mlx-fused (an mlx-lm folder) or --to gguf-fused (a "
+                          "GGUF model)")
+    if lora.kind == "dora" and to == "gguf":
+        raise ExportError(f"{where}: a GGUF LoRA adapter cannot hold DoRA's magnitudes: "
+                          "export --to gguf-fused (one GGUF model with it merged)")
+    if lora.kind == "dora" and to == "ollama":
+        raise ExportError(f"{where}: Ollama's ADAPTER is a GGUF LoRA adapter, which cannot "
+                          "hold DoRA's magnitudes: export --to gguf-fused and use FROM "
+                          "./fused.gguf in a Modelfile")
 
 
 class _staged:

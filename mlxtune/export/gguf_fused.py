@@ -2,8 +2,10 @@
 
 The new file keeps the base's metadata (architecture, hyperparameters, tokenizer, chat
 template) with their GGUF types, and its tensors in the same order and names. Each tensor
-is decoded (gguf-py's dequantizers), the adapter's change added to the weights it adapts
-(in the file's own row order: llama.cpp's Q/K interleave for the llama family), and
+is decoded (gguf-py's dequantizers), the adapter merged into the weights it adapts (in
+the file's own row order: llama.cpp's Q/K interleave for the llama family; LoRA adds its
+change, DoRA rescales each row of W + change to its magnitude, a full fine-tune replaces
+the blocks' tensors with its own, norms stored as llama.cpp stores them), and
 re-encoded: 2-D weights in the chosen type (q8_0 falls back to f16 for rows that are not
 a multiple of its 32-value block, as llama.cpp's converter does), 1-D tensors (norms,
 biases) in f32. Tensors are written one at a time, so the dense model never exists whole
@@ -63,20 +65,42 @@ def _encode(x: np.ndarray, qtype) -> np.ndarray:
     return np.ascontiguousarray(quantize(np.ascontiguousarray(x, np.float32), qtype))
 
 
-def deltas(lora: Lora) -> dict[str, Callable[[], np.ndarray]]:
-    """GGUF tensor name -> a function giving the change to add, in the file's row order."""
+def _dora_rows(x: np.ndarray, delta: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """DoRA's merged weight from the base `x` and LoRA's change, rows in any one order
+    (the magnitudes `m` in the same order)."""
+    v = x + delta
+    norm = np.sqrt((v.astype(np.float64) ** 2).sum(axis=1))
+    return (v * (m / norm)[:, None]).astype(np.float32)
+
+
+def deltas(lora: Lora) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """GGUF tensor name -> a function from the base tensor (file row order) to the merged
+    one."""
+    base = lora.base
     out = {}
+    if lora.kind == "full":
+        from mlxtune.export.lora import gguf_param_name, to_gguf_value
+
+        for name, w in lora.weights.items():
+            out[gguf_param_name(name, base)] = \
+                (lambda x, name=name, w=w: to_gguf_value(w, name, base).reshape(x.shape))
+        return out
     for (layer, key) in lora.pairs:
-        name = gguf_tensor_name(layer, key, lora.base)
-        out[name] = (lambda layer=layer, key=key:
-                     to_gguf_rows(lora.delta(layer, key), key, lora.base))
+        name = gguf_tensor_name(layer, key, base)
+        if lora.kind == "dora":
+            out[name] = (lambda x, layer=layer, key=key: _dora_rows(
+                x, to_gguf_rows(lora.delta(layer, key), key, base),
+                to_gguf_rows(lora.magnitudes[(layer, key)], key, base)))
+        else:
+            out[name] = (lambda x, layer=layer, key=key:
+                         x + to_gguf_rows(lora.delta(layer, key), key, base))
     return out
 
 
 def write_merged(base_path: Path, out: Path, outtype: str = "f16",
-                 changes: dict[str, Callable[[], np.ndarray]] | None = None) -> None:
-    """Write base_path's model to `out` in `outtype`, with `changes` added to the named
-    weights (nothing added when None: a plain re-encoding of the base)."""
+                 changes: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None) -> None:
+    """Write base_path's model to `out` in `outtype`, each named tensor replaced by what
+    its function in `changes` makes of it (None: a plain re-encoding of the base)."""
     import gguf
 
     from mlxtune.models import gguf_file
@@ -111,7 +135,7 @@ def write_merged(base_path: Path, out: Path, outtype: str = "f16",
     for t, qtype in plan:
         x = _decode(f, t)
         if t.name in changes:
-            x = x + changes[t.name]()
+            x = changes[t.name](x)
         writer.write_tensor_data(_encode(x, qtype))
     writer.close()
 
@@ -122,5 +146,6 @@ def write(lora: Lora, path: Path, outtype: str = "f16") -> None:
                           f"{lora.base.given}, a {lora.base.kind} model): export --to "
                           "mlx-fused and convert that folder with llama.cpp's "
                           "convert_hf_to_gguf.py")
-    check_shapes(lora)
+    if lora.is_adapter:
+        check_shapes(lora)
     write_merged(Path(lora.base.location), path, outtype, deltas(lora))

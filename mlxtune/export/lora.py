@@ -1,12 +1,17 @@
-"""A run's trained LoRA, read for export: its matrices as numpy, and the base it belongs to.
+"""A run's trained adapter, read for export: its matrices as numpy, and the base it
+belongs to.
 
 Every exporter starts here, so every check on what can be exported lives here too: a run
-without an adapter, DoRA, adapters on the embeddings or the output layer, target modules
-or architectures no exporter can map. Each is one ExportError naming what is supported.
+without an adapter, adapters on the embeddings or the output layer, target modules or
+architectures no exporter can map, a format that cannot hold the adapter's type. Each is
+one ExportError naming what is supported.
 
 The matrices are in mlx-lm's layout and Hugging Face row order (adapters.py): for a
 module with weight W (out x in), the adapter adds scale * (x @ A) @ B, A: in x r,
-B: r x out, i.e. W' = W + scale * (A @ B).T.
+B: r x out, i.e. W' = W + scale * (A @ B).T. DoRA (kind "dora") also has a magnitude m
+(out) per module: W' = m / ||W + scale (A @ B).T||_row * (W + scale (A @ B).T), so its
+merged weight depends on W (`merged`). A full fine-tune (kind "full") is the trained
+blocks' weights themselves (`weights`), exported as a whole model.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 _PARAM = re.compile(r"^model\.layers\.(\d+)\.(.+)\.lora_(a|b)$")
+_MAGNITUDE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.m$")
+_BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 class ExportError(ModelError):
@@ -65,15 +72,26 @@ class Lora:
     run_dir: Path
     adapter_dir: Path
     rank: int
-    alpha: float               # scale = alpha / rank, as PEFT and llama.cpp define it
+    alpha: float               # the run's alpha: scale = alpha / rank (rsLoRA: / sqrt(rank))
     dropout: float
     # (layer index, module key inside the block, e.g. "self_attn.q_proj") -> (A, B)
     pairs: dict
     base: Base
+    kind: str = "lora"         # lora | dora | full
+    scale: float = 0.0         # the update's multiplier, as trained (lora_parameters.scale)
+    rslora: bool = False
+    # DoRA: (layer, key) -> m (out,), float32
+    magnitudes: dict = field(default_factory=dict)
+    # full: "model.layers.N.<path>" -> the trained parameter, float32
+    weights: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.scale and self.rank:
+            self.scale = self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
 
     @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+    def is_adapter(self) -> bool:
+        return self.kind != "full"
 
     @property
     def keys(self) -> list[str]:
@@ -84,9 +102,20 @@ class Lora:
         return sorted({i for i, _ in self.pairs})
 
     def delta(self, layer: int, key: str) -> np.ndarray:
-        """The change to the module's weight, out x in, float32, Hugging Face row order."""
+        """LoRA's change to the module's weight, out x in, float32, Hugging Face row order."""
         a, b = self.pairs[(layer, key)]
         return (self.scale * (a @ b)).T.astype(np.float32)
+
+    def merged(self, layer: int, key: str, w: np.ndarray) -> np.ndarray:
+        """The module's weight with the adapter merged, from its base weight `w` (out x in,
+        float32; rows in any order, as long as `rows` of DoRA's magnitude follow it: use
+        merged_rows for a permuted file layout)."""
+        v = w + self.delta(layer, key)
+        if self.kind != "dora":
+            return v
+        m = self.magnitudes[(layer, key)]
+        norm = np.sqrt((v.astype(np.float64) ** 2).sum(axis=1))
+        return (v * (m / norm)[:, None]).astype(np.float32)
 
 
 def adapter_dir(run_dir: Path, which: str) -> Path:
@@ -121,7 +150,11 @@ def read(run_dir: str | Path, which: str = "auto") -> Lora:
     path = adapter_dir(run_dir, which)
     config = _adapter_config(path)
     base = describe_base(str(given), model_cfg.get("revision"))
-    pairs = _pairs(path, base)
+    if config["fine_tune_type"] == "full":
+        return Lora(run_dir, path, 0, 0.0, 0.0, {}, base, kind="full",
+                    weights=_full_weights(path, base))
+    kind = config["fine_tune_type"]
+    pairs, magnitudes = _pairs(path, base, dora=kind == "dora")
     rank = int(config["lora_parameters"]["rank"])
     ranks = {a.shape[1] for a, _ in pairs.values()}
     if ranks != {rank}:
@@ -134,7 +167,9 @@ def read(run_dir: str | Path, which: str = "auto") -> Lora:
         raise ExportError(f"{path / adapters.CONFIG_FILE}: alpha is 0, the adapter changes "
                           "nothing")
     return Lora(run_dir, path, rank, alpha,
-                float(config["lora_parameters"].get("dropout", 0.0)), pairs, base)
+                float(config["lora_parameters"].get("dropout", 0.0)), pairs, base, kind=kind,
+                scale=float(config["lora_parameters"]["scale"]),
+                rslora=bool(config.get("rslora", False)), magnitudes=magnitudes)
 
 
 def _adapter_config(path: Path) -> dict:
@@ -144,18 +179,25 @@ def _adapter_config(path: Path) -> dict:
         kind = raw.get("fine_tune_type", "lora")
     except (OSError, ValueError, AttributeError) as e:
         raise ExportError(f"{cfg_file}: cannot read the adapter config ({e})")
-    if kind != "lora":
+    if kind not in adapters.FINE_TUNE_TYPES:
         raise ExportError(f"{cfg_file}: fine_tune_type '{kind}' cannot be exported "
-                          "(supported: lora; DoRA and full fine-tunes are not)")
+                          f"(supported: {', '.join(adapters.FINE_TUNE_TYPES)})")
     return adapters.read_config(path)
 
 
-def _pairs(path: Path, base: Base) -> dict:
+def _pairs(path: Path, base: Base, dora: bool = False) -> tuple[dict, dict]:
+    """(pairs, DoRA magnitudes) of an adapter file."""
     import mlx.core as mx
 
     weights = mx.load(str(path / adapters.ADAPTER_FILE))
     found: dict = {}
+    magnitudes: dict = {}
     for name, w in weights.items():
+        if dora:
+            mm = _MAGNITUDE.match(name)
+            if mm is not None:
+                magnitudes[(int(mm.group(1)), mm.group(2))] = np.array(w.astype(mx.float32))
+                continue
         m = _PARAM.match(name)
         if m is None:
             raise ExportError(f"{path / adapters.ADAPTER_FILE}: {_unsupported(name)}")
@@ -179,12 +221,42 @@ def _pairs(path: Path, base: Base) -> dict:
         pairs[(layer, key)] = (a, b)
     if not pairs:
         raise ExportError(f"{path / adapters.ADAPTER_FILE}: the adapter holds no LoRA weights")
-    return pairs
+    if dora:
+        for (layer, key), (a, b) in pairs.items():
+            m = magnitudes.get((layer, key))
+            if m is None or m.shape != (b.shape[1],):
+                raise ExportError(f"{path / adapters.ADAPTER_FILE}: model.layers.{layer}.{key}"
+                                  f" has no DoRA magnitude m of {b.shape[1]} values")
+        extra = sorted(set(magnitudes) - set(pairs))
+        if extra:
+            raise ExportError(f"{path / adapters.ADAPTER_FILE}: model.layers.{extra[0][0]}."
+                              f"{extra[0][1]}.m has no lora_a / lora_b")
+    return pairs, magnitudes
+
+
+def _full_weights(path: Path, base: Base) -> dict:
+    """A full fine-tune's block weights, float32, by their mlx-lm names."""
+    import mlx.core as mx
+
+    out = {}
+    for name, w in mx.load(str(path / adapters.ADAPTER_FILE)).items():
+        m = _BLOCK.match(name)
+        if m is None:
+            raise ExportError(f"{path / adapters.ADAPTER_FILE}: {name} is not a weight of a "
+                              "transformer block (a full fine-tune trains model.layers.N.*)")
+        if int(m.group(1)) >= base.n_layers:
+            raise ExportError(f"{path}: weights for layer {m.group(1)}, the base has "
+                              f"{base.n_layers} layers (another base model?)")
+        out[name] = np.array(w.astype(mx.float32))
+    if not out:
+        raise ExportError(f"{path / adapters.ADAPTER_FILE}: the full fine-tune holds no weights")
+    return out
 
 
 def _unsupported(name: str) -> str:
     if name.endswith(".m") or ".lora_magnitude" in name:
-        return f"{name} is a DoRA magnitude: DoRA adapters cannot be exported (supported: lora)"
+        return (f"{name} is a DoRA magnitude, but the adapter config says fine_tune_type "
+                "lora")
     if "embed_tokens" in name or "lm_head" in name:
         return (f"{name}: adapters on the embeddings or the output layer cannot be exported "
                 f"(supported: linear layers of the blocks: {supported_targets()})")
@@ -259,6 +331,36 @@ def gguf_tensor_name(layer: int, key: str, base: Base) -> str:
         raise ExportError(f"no GGUF tensor name for model.layers.{layer}.{key} in "
                           f"{base.gguf_arch}")
     return name
+
+
+def gguf_param_name(name: str, base: Base) -> str:
+    """GGUF name of a block parameter given by its mlx-lm name (model.layers.N.<path>)."""
+    import gguf
+
+    arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[base.gguf_arch]
+    names = gguf.get_tensor_name_map(arch_id, base.n_layers)
+    found = names.get_name(name, try_suffixes=(".weight", ".bias"))
+    if found is None:
+        raise ExportError(f"no GGUF tensor name for {name} in {base.gguf_arch}")
+    if base.shapes and found not in base.shapes:
+        raise ExportError(f"{base.location}: has no tensor {found} for {name} (another base "
+                          "model?)")
+    return found
+
+
+def to_gguf_value(w: np.ndarray, name: str, base: Base) -> np.ndarray:
+    """A block parameter (mlx-lm name and layout) as llama.cpp stores it: Q/K rows in its
+    interleaved order for the llama family, norm weights with the family's offset
+    (gemma's 1 + w), the inverse of mlxtune.models.gguf's reading."""
+    from mlxtune.models.gguf_config import ARCHES
+
+    m = _BLOCK.match(name)
+    key = m.group(2).rsplit(".", 1)[0] if m else ""
+    w = to_gguf_rows(np.asarray(w, np.float32), key, base)
+    offset = ARCHES[base.gguf_arch].norm_offset
+    if offset and name.endswith("norm.weight"):
+        w = w + offset
+    return w
 
 
 def check_shapes(lora: Lora) -> None:

@@ -2,14 +2,17 @@
 
 The base is loaded as stored (a GGUF's own quantization, an mlx folder's weights; not
 the QLoRA re-quantization a run may have applied on load), every adapted weight becomes
-W + scale * (A @ B).T computed in float32, every other quantized layer is dequantized, and
-the result is saved dense in the chosen dtype, or re-quantized with MLX's affine format
-(group size 64) on request.
+W + scale * (A @ B).T computed in float32 (DoRA: each row of that rescaled to its
+magnitude; a full fine-tune: its trained block weights), every other quantized layer is
+dequantized, and the result is saved dense in the chosen dtype, or re-quantized with
+MLX's affine format (group size 64) on request.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 from mlxtune.export.lora import Lora
 
@@ -64,13 +67,16 @@ def fuse(model, lora: Lora) -> None:
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
 
-    from mlxtune.quant import QuantEmbedding, QuantLinear
-
+    if lora.kind == "full":
+        _dense_everywhere(model)
+        model.load_weights([(k, mx.array(v)) for k, v in lora.weights.items()], strict=False)
+        mx.eval(model.parameters())
+        return
     swaps = []
     for (layer, key) in sorted(lora.pairs):
         path = f"model.layers.{layer}.{key}"
         module = _submodule(model, path)
-        w = dense_weight(module) + mx.array(lora.delta(layer, key))
+        w = mx.array(lora.merged(layer, key, np.array(dense_weight(module))))
         fused = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
         fused.weight = w
         if "bias" in module:
@@ -78,7 +84,17 @@ def fuse(model, lora: Lora) -> None:
         swaps.append((path, fused))
     model.update_modules(tree_unflatten(swaps))
     mx.eval(model.parameters())
-    # Every other quantized layer becomes dense as well.
+    _dense_everywhere(model)
+
+
+def _dense_everywhere(model) -> None:
+    """Every quantized linear and embedding layer of `model` as a dense float32 one."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+
+    from mlxtune.quant import QuantEmbedding, QuantLinear
+
     swaps = []
     for path, m in model.named_modules():
         if isinstance(m, (nn.QuantizedLinear, QuantLinear)):

@@ -7,6 +7,13 @@ holds `base_model.model.<module>.lora_A.weight` (r x in, an nn.Linear(in, r)'s w
 against the end of module names) and, for adapters on only some blocks,
 `layers_to_transform` with `layers_pattern`. Our matrices are the transposes, in the same
 Hugging Face row order, so no permutation is involved.
+
+rsLoRA is `use_rslora: true` (PEFT's scale lora_alpha / sqrt(r)). DoRA is `use_dora:
+true` with each module's magnitude saved as `<module>.lora_magnitude_vector` (out,):
+PEFT's checkpoint name (peft/tuners/lora/model.py strips the ".weight" its DoraLinearLayer
+holds it under), the same quantity as mlx-lm's `m`: PEFT's forward scales the base output
+plus scale * B A x by magnitude / ||W + scale B A||, the norm over each output row of W
+(out x in, torch.linalg.norm(dim=1)), detached, as mlx-lm's DoRALinear does.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ def state_dict(lora: Lora) -> dict[str, np.ndarray]:
         prefix = f"base_model.model.model.layers.{layer}.{key}"
         out[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.T, np.float32)
         out[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.T, np.float32)
+        if lora.kind == "dora":
+            out[f"{prefix}.lora_magnitude_vector"] = np.ascontiguousarray(
+                lora.magnitudes[(layer, key)], np.float32)
     return out
 
 
@@ -60,8 +70,8 @@ def adapter_config(lora: Lora) -> dict:
         "layers_pattern": "layers" if partial else None,
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": lora.rslora,
+        "use_dora": lora.kind == "dora",
         "modules_to_save": None,
         "inference_mode": True,
     }

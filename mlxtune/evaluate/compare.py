@@ -203,7 +203,7 @@ def compare(cfg: Config, candidates: list[str], shots: list[int] = (0, 3),
                                    f"{row['peak_gb']:.2f} GB exceeds the "
                                    f"{row['usable_gb']:.2f} GB usable here")
             steps = train_steps or PROBE_STEPS
-            run_dir = out_dir / ("pilots" if train_steps else ".probes") / _slug(given)
+            run_dir = out_dir / ("pilots" if train_steps else ".probes") / f"{i}-{_slug(given)}"
             log(f"{label}: {'pilot run' if train_steps else 'training probe'}, {steps} steps")
             row.update(_probe_run(c, run_dir, steps))
             adapter = run_dir / "adapters" if train_steps else None

@@ -222,9 +222,39 @@ def test_adapter_gradient_and_optimizer_items(tiny_model_dir):
     w = workload(sgd, s, "metal")
     items = estimate(w).items
     assert items["optimizer state"] == 0
-    assert items["gradients"] == 2 * 2 * w.lora_parameters  # accumulated + micro, bf16
+    # accumulated + micro; float32 like the adapter whatever the compute dtype (bfloat16)
+    assert items["gradients"] == 2 * 4 * w.lora_parameters
+    assert items["LoRA adapter"] == 4 * w.lora_parameters
     with pytest.raises(Exception, match="'wq' is not a linear layer"):
         workload(make_cfg("x", adapter={"targets": ["wq"]}), s, "cpu")
+
+
+def test_dora_items_count_magnitudes_norms_and_saved_outputs(tiny_model_dir):
+    """DoRA: the trainable count is the trainer's (A, B and m), the base's row norms are
+    kept beside them, every one float32; the layers' outputs kept for m's gradient add
+    to the activations; the same config as LoRA otherwise."""
+    from mlxtune import adapters, models
+    from mlxtune.memory.estimate import estimate, features, workload
+    from mlxtune.memory.shapes import resolve
+
+    for targets, layers in (([], -1), (["q_proj", "v_proj"], 1)):
+        cfg = make_cfg(str(tiny_model_dir), adapter={"type": "dora", "rank": 4,
+                                                     "targets": targets, "layers": layers})
+        w = workload(cfg, resolve(cfg.model), "metal")
+        loaded = models.load(cfg.model)
+        adapters.apply(loaded.model, cfg.adapter)
+        trainable = adapters.parameter_counts(loaded.model)[0]
+        assert w.lora_parameters == trainable
+        norms = sum(m.weight_norm_sq.size for _, m in adapters.lora_layers(loaded.model))
+        assert w.adapter_frozen_parameters == norms
+        items = estimate(w).items
+        assert items["LoRA adapter"] == 4 * (trainable + norms)
+        assert items["gradients"] == 4 * trainable
+        lora = workload(make_cfg(str(tiny_model_dir), adapter={"rank": 4, "targets": targets,
+                                                               "layers": layers}),
+                        resolve(cfg.model), "metal")
+        assert features(w)["saved_dora"] > 0 and features(lora)["saved_dora"] == 0
+        assert estimate(w).items["activations"] > estimate(lora).items["activations"]
 
 
 # ------------------------------------------------------------------------------ activations

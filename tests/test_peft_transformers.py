@@ -143,3 +143,69 @@ def test_peft_export_in_transformers_tiny_qwen2(tmp_path):
     tokens = list(np.random.default_rng(0).integers(0, model.config.vocab_size, 160))
     check_against_transformers(model, base, run, peft_dir, [int(t) for t in tokens],
                                "tiny qwen2")
+
+
+# -- DoRA ------------------------------------------------------------------------------------
+
+def permuted_magnitudes(peft_dir: Path, out: Path, heads: int, kv_heads: int) -> Path:
+    """The DoRA export with Q/K's magnitudes in llama.cpp's interleaved row order: the
+    mistake a DoRA test must see."""
+    from safetensors.numpy import load_file, save_file
+
+    from mlxtune.export.lora import Base, to_gguf_rows
+
+    base = Base("x", "gguf", "x", "llama", "llama", heads, kv_heads, 0)
+    weights = load_file(str(peft_dir / "adapter_model.safetensors"))
+    for k, v in weights.items():
+        for key in ("self_attn.q_proj", "self_attn.k_proj"):
+            if f".{key}.lora_magnitude_vector" in k:
+                weights[k] = np.ascontiguousarray(to_gguf_rows(v, key, base))
+    out.mkdir()
+    save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text((peft_dir / "adapter_config.json").read_text())
+    return out
+
+
+def test_peft_dora_export_in_transformers_smollm2(smollm2_hf, tmp_path):
+    """A DoRA adapter on the packaged SmolLM2 (trained on its Q4_1 blocks as shipped:
+    the magnitudes start at the dequantized rows' norms), every linear layer of all 30
+    blocks, exported with use_dora and lora_magnitude_vector; PEFT recomputes the norms
+    of W + scale B A from transformers' own dequantization of the same GGUF."""
+    from test_export import LONG_TEXT
+
+    from mlxtune import models
+    from mlxtune.config import ModelConfig
+
+    _, model = smollm2_hf
+    base = "smollm2-135m-instruct"
+    run = make_run(tmp_path / "run", base, rank=8, alpha=16.0, b_scale=0.05, kind="dora")
+    peft_dir = export(run, "peft", tmp_path / "peft").path
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    tokens = models.load(ModelConfig(path=base)).tokenizer.encode(LONG_TEXT)[:128]
+    check_against_transformers(model, base, run, peft_dir, tokens, "SmolLM2-135M DoRA")
+    wrong = permuted_magnitudes(peft_dir, tmp_path / "wrong", model.config.num_attention_heads,
+                                model.config.num_key_value_heads)
+    with pytest.raises(AssertionError):
+        check_against_transformers(model, base, run, wrong, tokens, "SmolLM2 DoRA, Q/K "
+                                   "magnitudes permuted")
+
+
+def test_peft_dora_rslora_export_in_transformers_tiny_qwen2(tmp_path):
+    """DoRA with rsLoRA on a tiny qwen2 (q/k/v biases: DoRA scales the output without its
+    bias), the last two of three blocks."""
+    transformers = need("transformers")
+    need("torch")
+    from tiny import make_model_dir
+
+    base = make_model_dir(tmp_path / "tiny-qwen2", "qwen2", seed=3, hidden_size=128,
+                          intermediate_size=256, num_hidden_layers=3)
+    run = make_run(tmp_path / "run", base, rank=16, alpha=8.0, layers=2, b_scale=0.05,
+                   kind="dora", rslora=True)
+    peft_dir = export(run, "peft", tmp_path / "peft").path
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is True
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype="float32")
+    tokens = list(np.random.default_rng(0).integers(0, model.config.vocab_size, 160))
+    check_against_transformers(model, base, run, peft_dir, [int(t) for t in tokens],
+                               "tiny qwen2 DoRA + rsLoRA")

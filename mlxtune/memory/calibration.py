@@ -23,9 +23,11 @@ COEFFICIENTS = {
     "dequant_own": 0.0,
     "dequant_max_ckpt": 2.438,
     "dequant_all_ckpt": 0.0,
+    "saved_dora": 1.36,
+    "full_update": 4.28,
     "framework": 0.951,
     "reference": 1.0,
-    "cpu_half_bytes": 4.1,
+    "cpu_half_bytes": 4.07,
 }
 
 FITTED_ON = (
@@ -45,9 +47,13 @@ FITTED_ON = (
     "fit-ckpt-vocab32k-6l",
     "fit-d512-2l",
     "fit-d512-6l",
+    "fit-dora-2l",
+    "fit-dora-6l",
     "fit-dpo-6l",
     "fit-ffn1024-2l",
     "fit-ffn1024-6l",
+    "fit-full-2l",
+    "fit-full-6l",
     "fit-headdim128-6l",
     "fit-kv4-6l",
     "fit-last2-6l",

@@ -5,9 +5,15 @@ batch one rank computes, the adapter, the objective, the backend and compute dty
 Each item says which assumption it rests on:
 
 - base weights: every tensor as it sits in memory (mlxtune.memory.weights).
-- LoRA adapter, gradients, optimizer state: rank * (in + out) parameters per adapted
-  linear layer, in the compute dtype (mlx's Adam keeps two states like its parameters;
+- adapter, gradients, optimizer state: rank * (in + out) parameters per adapted linear
+  layer (DoRA: + out magnitudes, and the base's row norms, frozen), float32 whatever the
+  compute dtype (mlxtune.adapters; mlx's Adam keeps two states like its parameters;
   gradient accumulation holds a second copy of the gradients).
+- full fine-tuning (adapter.type full): every weight of the adapted blocks trains, as
+  float32 master weights (in "base weights") with float32 gradients and optimizer state;
+  under a 16-bit compute dtype each block computes with a copy of its weights in that
+  dtype, kept for the backward pass (also "base weights": one block's with
+  checkpointing, every adapted block's without).
 - activations: what the backward pass needs of each adapted block, plus the working set
   of the block whose backward is running. With train.grad_checkpoint a block keeps only
   its input and is recomputed when its backward runs. Blocks below the first adapted one
@@ -75,9 +81,8 @@ class Workload:
     optimizer_states: int = 2
     grad_accumulation: int = 1
     attention: str = "materialised"
-    # Every weight trainable instead of LoRA: not something mlxtune trains, planned for
-    # comparison (the README's table of claims) only.
-    full_finetune: bool = False
+    # adapter.type: lora | dora | full (every weight of the adapted blocks trains)
+    adapter_type: str = "lora"
     # dpo from model.adapter: a frozen copy of it is the reference policy.
     reference_adapter: bool = False
     notes: tuple = field(default=(), compare=False)
@@ -105,15 +110,43 @@ class Workload:
                 and self.shape.model_type in HEAD_FAMILIES)
 
     @property
+    def full_finetune(self) -> bool:
+        return self.adapter_type == "full"
+
+    @property
+    def dora(self) -> bool:
+        return self.adapter_type == "dora"
+
+    @property
+    def first_adapted(self) -> int:
+        return self.shape.num_layers - self.adapted_layers
+
+    @property
     def lora_parameters(self) -> int:
+        """Trainable adapter parameters: A and B, and DoRA's magnitudes."""
         if self.full_finetune:
             return 0
-        return self.adapted_layers * sum((i + o) * self.rank for _, i, o in self.lora_modules)
+        per_block = sum((i + o) * self.rank + (o if self.dora else 0)
+                        for _, i, o in self.lora_modules)
+        return self.adapted_layers * per_block
+
+    @property
+    def adapter_frozen_parameters(self) -> int:
+        """DoRA's base row norms, kept beside each adapted layer (float32)."""
+        if not self.dora:
+            return 0
+        return self.adapted_layers * sum(o for _, _, o in self.lora_modules)
+
+    def trained_weights(self) -> list:
+        """Full fine-tuning: the base's weights in the adapted blocks."""
+        if not self.full_finetune:
+            return []
+        return [w for w in self.weights if (block_index(w.name) or -1) >= self.first_adapted]
 
     @property
     def trainable_parameters(self) -> int:
         if self.full_finetune:
-            return sum(w.rows * w.cols for w in self.weights)
+            return sum(w.rows * w.cols for w in self.trained_weights())
         return self.lora_parameters
 
     @property
@@ -178,10 +211,18 @@ def resolve_targets(shape: ModelShape, targets: list[str]) -> list[tuple[str, in
     return out
 
 
+def block_index(name: str) -> int | None:
+    """The transformer block a weight belongs to, from its mlx_lm path or GGUF name."""
+    import re
+
+    m = re.search(r"(?:^|\.)(?:layers|blk)\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
 def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
              attention: str = "materialised", full_finetune: bool = False) -> Workload:
     """What one rank computes in one micro-batch of `cfg` (an mlxtune Config).
-    `full_finetune` plans every weight as trainable (a comparison; mlxtune trains LoRA)."""
+    `full_finetune` plans adapter.type full whatever the config says."""
     if ranks < 1:
         raise ConfigError(f"ranks: must be >= 1, got {ranks}")
     batch = cfg.train.batch_size
@@ -201,9 +242,10 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
     t = cfg.train
     n = shape.num_layers
     rank, targets, layers = cfg.adapter.rank, list(cfg.adapter.targets), cfg.adapter.layers
+    kind = "full" if full_finetune else cfg.adapter.type
     start = _starting_adapter(cfg.model.adapter)
-    if start is not None:  # training continues that adapter: its rank, layers and targets
-        rank, targets, layers = start
+    if start is not None:  # training continues that adapter: its type, rank, layers, targets
+        rank, targets, layers, kind = start
     adapted = n if layers == -1 else min(layers, n)
     states = 2 if t.optimizer in ("adam", "adamw") else (1 if t.momentum > 0 else 0)
     notes = []
@@ -218,15 +260,27 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
     if cfg.data.packing == "auto" and not preference and cfg.data.group_by_length:
         notes.append("data.packing is auto: decided from the data at run time; planned "
                      "without the packing mask (rows are full either way)")
+    weights = tuple(weights_mod.base_weights(shape, cfg.model, DTYPE_BYTES[dtype]))
+    if kind == "full":
+        first = n - adapted
+        quantized = [w for w in weights if w.quantized and (block_index(w.name) or -1) >= first]
+        if quantized:
+            raise ConfigError(f"{cfg.source or '<config>'}: adapter.type: full trains every "
+                              f"weight and needs a dense base; {cfg.model.path} has quantized "
+                              f"weights ({quantized[0].name}: {quantized[0].format.label()})")
+        if dtype != "float32":
+            notes.append(f"full fine-tuning: float32 master weights, gradients and optimizer "
+                         f"state; each block computes with a {dtype} copy of its weights")
     return Workload(
         shape=shape,
-        weights=tuple(weights_mod.base_weights(shape, cfg.model, DTYPE_BYTES[dtype])),
+        weights=weights,
         backend=backend, dtype=dtype, rows=micro, width=width, rank=rank,
-        lora_modules=tuple(resolve_targets(shape, targets)),
-        reference_adapter=start is not None and cfg.objective.type == "dpo",
+        lora_modules=() if kind == "full" else tuple(resolve_targets(shape, targets)),
+        adapter_type=kind,
+        reference_adapter=start is not None and cfg.objective.type == "dpo" and kind != "full",
         adapted_layers=adapted, grad_checkpoint=t.grad_checkpoint, loss_chunk=t.loss_chunk,
         objective=cfg.objective.type, packed=segmented,
-        optimizer_states=states, attention=attention, full_finetune=full_finetune,
+        optimizer_states=states, attention=attention,
         # Gradients are summed over micro-batches (accumulation, max_batch_tokens splits)
         # and over ranks: a second copy of them is alive.
         grad_accumulation=t.grad_accumulation * (-(-rows // micro)) * ranks,
@@ -234,8 +288,8 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
 
 
 def _starting_adapter(path) -> tuple | None:
-    """(rank, targets, layers) of model.adapter's adapter_config.json (mlx-lm's layout),
-    or None when no adapter is given or it cannot be read (the run will say why)."""
+    """(rank, targets, layers, type) of model.adapter's adapter_config.json (mlx-lm's
+    layout), or None when no adapter is given or it cannot be read (the run will say why)."""
     if not path:
         return None
     import json
@@ -243,9 +297,12 @@ def _starting_adapter(path) -> tuple | None:
 
     try:
         config = json.loads((Path(path) / "adapter_config.json").read_text())
+        kind = config.get("fine_tune_type", "lora")
+        if kind == "full":
+            return 0, [], int(config["num_layers"]), "full"
         lp = config["lora_parameters"]
-        return int(lp["rank"]), list(lp.get("keys") or []), int(config["num_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(lp["rank"]), list(lp.get("keys") or []), int(config["num_layers"]), kind
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -287,6 +344,13 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
         # Dense copies of quantized layers on the CPU path.
         "dequant_max": 0.0, "dequant_all": 0.0, "dequant_own": 0.0,
         "dequant_max_ckpt": 0.0, "dequant_all_ckpt": 0.0,
+        # DoRA: each adapted layer's output before its magnitude scaling, kept for the
+        # magnitudes' gradient (per adapted block, like the saved_* above).
+        "saved_dora": 0.0,
+        # Full fine-tuning: float32 arrays the size of the trained weights beyond the
+        # weights, gradients and optimizer state (the clipped gradients and the update's
+        # new state while the old one is alive).
+        "full_update": 0.0,
         "framework": 1e6,
     }
     per_block = {"saved_d": N * c * s.hidden_size,
@@ -297,6 +361,10 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
     kept = n if not w.grad_checkpoint else 1  # checkpointing: one block recomputed at a time
     for k, v in per_block.items():
         f[k] = kept * v
+    if w.dora:
+        f["saved_dora"] = kept * N * c * lora_out
+    if w.full_finetune:
+        f["full_update"] = 4.0 * w.trainable_parameters
     if w.grad_checkpoint:
         f["ckpt_d"] = n * N * c * s.hidden_size
     head = N * s.vocab_size * 4.0
@@ -328,6 +396,7 @@ _ITEM_OF = {"saved_d": "activations", "saved_qkv": "activations", "saved_ffn": "
             "dequant_max": "dequantization (CPU)", "dequant_all": "dequantization (CPU)",
             "dequant_own": "dequantization (CPU)", "dequant_max_ckpt": "dequantization (CPU)",
             "dequant_all_ckpt": "dequantization (CPU)",
+            "saved_dora": "activations", "full_update": "optimizer state",
             "framework": "framework"}
 
 
@@ -348,15 +417,28 @@ class Breakdown:
 
 def fixed_bytes(w: Workload) -> dict[str, float]:
     """The items that are counted exactly (not fitted): weights, adapter, gradients,
-    optimizer state, the causal / packing masks, and the 16-bit copy of the logits."""
+    optimizer state, the causal / packing masks, and the 16-bit copy of the logits.
+    Trainable parameters, their gradients and optimizer state are float32 whatever the
+    compute dtype (mlxtune.adapters: LoRA / DoRA weights, a full fine-tune's master
+    weights)."""
     c = w.compute_bytes
     p = w.trainable_parameters
     L = w.positions
     items = dict.fromkeys(ITEMS, 0.0)
     items["base weights"] = float(sum(x.nbytes for x in w.weights))
-    items["LoRA adapter"] = float(w.lora_parameters * c * (2 if w.reference_adapter else 1))
-    items["gradients"] = float(p * c * (2 if w.grad_accumulation > 1 else 1))
-    items["optimizer state"] = float(p * c * w.optimizer_states)
+    if w.full_finetune:
+        trained = w.trained_weights()
+        n = sum(x.rows * x.cols for x in trained)
+        items["base weights"] += float(n * 4 - sum(x.nbytes for x in trained))  # float32
+        if c != 4:
+            # The compute-dtype copy each block computes with, kept for its backward pass:
+            # every adapted block's, or with checkpointing the one being recomputed.
+            held = n / max(w.adapted_layers, 1) if w.grad_checkpoint else n
+            items["base weights"] += float(held * c)
+    adapter = w.lora_parameters * (2 if w.reference_adapter else 1) + w.adapter_frozen_parameters
+    items["LoRA adapter"] = float(adapter * 4)
+    items["gradients"] = float(p * 4 * (2 if w.grad_accumulation > 1 else 1))
+    items["optimizer state"] = float(p * 4 * w.optimizer_states)
     if w.attention == "materialised" and not w.blockwise:
         items["attention"] += float(L * L)  # MLX's causal mask: [positions, positions] bools
     if w.packed:
@@ -392,13 +474,18 @@ def reference_pass_bytes(w: Workload, coef: dict) -> float:
 
 def describe_assumptions(w: Workload) -> list[str]:
     s = w.shape
+    if w.full_finetune:
+        adapter = (f"full fine-tuning of the last {w.adapted_layers} of {s.num_layers} blocks "
+                   f"({w.trainable_parameters:,} trained weights)")
+    else:
+        adapter = (f"{'DoRA' if w.dora else 'LoRA'} rank {w.rank} on {len(w.lora_modules)} "
+                   f"linear layers of the last {w.adapted_layers} of {s.num_layers} blocks")
     out = [
         f"{w.rows} rows x {w.width} tokens per micro-batch on each rank"
         + (" (pairs: chosen and rejected rows)" if w.objective != "sft" else "")
         + "; every row as long as data.max_seq_len (the worst case)",
         f"compute dtype {w.dtype} on the {w.backend} backend",
-        f"LoRA rank {w.rank} on {len(w.lora_modules)} linear layers of the last "
-        f"{w.adapted_layers} of {s.num_layers} blocks",
+        adapter,
         "gradient checkpointing " + ("on" if w.grad_checkpoint else "off"),
         "attention scores " + ("materialised (MLX's attention under autodiff)"
                                if w.attention == "materialised" else "fused (not kept)"),

@@ -41,6 +41,10 @@ def predict(spec: dict, coefficients: dict | None = None) -> dict:
 # input (one [positions, hidden] array) until its backward pass; dpo's reference pass,
 # a forward pass without gradient, is taken to hold what the step keeps for backward.
 FIXED = {"ckpt_d": 1.0, "reference": 1.0}
+# Counts of one adapter type each, fitted after the rest on that type's configurations
+# alone (one at a time, like the bfloat16-on-CPU factor), so that they leave the LoRA
+# counts as they are.
+BY_ADAPTER = {"saved_dora": "dora", "full_update": "full"}
 
 
 def fit(entries: list[dict], measured: dict) -> dict:
@@ -53,12 +57,13 @@ def fit(entries: list[dict], measured: dict) -> dict:
     from mlxtune.memory.estimate import estimate, features, fixed_bytes
 
     coef = dict(calibration.COEFFICIENTS, **FIXED)
-    names = [k for k in features(workload_of(entries[0])) if k not in FIXED]
+    names = [k for k in features(workload_of(entries[0]))
+             if k not in FIXED and k not in BY_ADAPTER]
     rows, target, weight, used = [], [], [], []
     loads = {e["name"]: workload_of(e) for e in entries}
     for e in entries:
         w = loads[e["name"]]
-        if w.backend == "cpu" and w.compute_bytes == 2:
+        if (w.backend == "cpu" and w.compute_bytes == 2) or w.adapter_type != "lora":
             continue  # fitted below
         f = features(w, coef)
         m = measured[e["name"]]["peak_gb"] * 1e9
@@ -86,7 +91,10 @@ def fit(entries: list[dict], measured: dict) -> dict:
         coef[key] = round(best, 3)
         used.extend(e["name"] for e in picked)
 
-    ratio_fit("cpu_half_bytes", lambda w: w.backend == "cpu" and w.compute_bytes == 2, 2.0, 8.0)
+    ratio_fit("cpu_half_bytes", lambda w: w.backend == "cpu" and w.compute_bytes == 2
+              and w.adapter_type == "lora", 2.0, 8.0)
+    for key, kind in BY_ADAPTER.items():
+        ratio_fit(key, lambda w, kind=kind: w.adapter_type == kind, 0.0, 8.0)
     return {"coefficients": coef, "fitted_on": sorted(used)}
 
 

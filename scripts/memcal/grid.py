@@ -76,6 +76,10 @@ def fit_grid() -> list[dict]:
     add("dpo-6l", tiny(num_hidden_layers=6), batch=2, data="pref", set={"objective.type": "dpo"})
     add("orpo-6l", tiny(num_hidden_layers=6), batch=2, data="pref",
         set={"objective.type": "orpo"})
+    # adapter.type dora / full: their own counts (saved_dora, full_update) come from these
+    for layers in (2, 6):
+        add(f"dora-{layers}l", tiny(num_hidden_layers=layers), set={"adapter.type": "dora"})
+        add(f"full-{layers}l", tiny(num_hidden_layers=layers), set={"adapter.type": "full"})
     return grid
 
 
@@ -114,6 +118,17 @@ def check_grid() -> list[dict]:
                                      "set": {"objective.type": "orpo", "adapter.rank": 32}}),
         ("medium-bf16", medium, {"seq": 256, "batch": 2, "set": {"model.dtype": "bfloat16"}}),
         ("gguf-kquants-mixed", mixed, {"seq": 512, "batch": 4}),
+        ("smollm2-dense-dora", dense, {"seq": 512, "batch": 2,
+                                       "set": {"adapter.type": "dora"}}),
+        ("smollm2-gguf-dora-r16", smol, {"seq": 256, "batch": 4,
+                                         "set": {"adapter.type": "dora", "adapter.rank": 16}}),
+        ("medium-dora-ckpt", medium, {"seq": 512, "batch": 2, "set": {
+            "adapter.type": "dora", "train.grad_checkpoint": True}}),
+        ("smollm2-dense-full", dense, {"seq": 512, "batch": 2,
+                                       "set": {"adapter.type": "full"}}),
+        ("medium-full", medium, {"seq": 256, "batch": 2, "set": {"adapter.type": "full"}}),
+        ("medium-full-ckpt-seq512", medium, {"seq": 512, "batch": 2, "set": {
+            "adapter.type": "full", "train.grad_checkpoint": True}}),
         ("qwen2-dense", {"tiny": {**MEDIUM, "model_type": "qwen2", "hidden_size": 512,
                                   "num_attention_heads": 8, "num_key_value_heads": 2,
                                   "num_hidden_layers": 8}}, {"seq": 512, "batch": 4}),

@@ -29,6 +29,9 @@ def describe(spec: dict) -> str:
     parts = [f"b{spec['batch']} x {spec['seq']}"]
     if "objective.type" in s:
         parts.append(s["objective.type"])
+    if "adapter.type" in s:
+        parts.append({"dora": "DoRA", "full": "full fine-tuning"}.get(s["adapter.type"],
+                                                                       s["adapter.type"]))
     q = s.get("model.quantize")
     if q:
         parts.append("nf4" if q["format"] == "nf4" else f"{q['format']} {q['bits']}-bit")

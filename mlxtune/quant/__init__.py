@@ -133,21 +133,26 @@ class DequantizedEmbedding(nn.QuantizedEmbedding):
         return fn(x, self["weight"], self["scales"], self["biases"])
 
 
+def _swap_classes(model: nn.Module, linear: type, embedding: type, when) -> list:
+    """Give MLX's own QuantizedLinear / QuantizedEmbedding layers for which `when(layer)`
+    holds the subclass `linear` / `embedding` (same parameters, same saved layout, still
+    instances of MLX's classes); returns the layers switched."""
+    swapped = []
+    for _, m in model.named_modules():
+        new = {nn.QuantizedLinear: linear, nn.QuantizedEmbedding: embedding}.get(type(m))
+        if new is not None and when(m):
+            m.__class__ = new
+            swapped.append(m)
+    return swapped
+
+
 def use_cpu_path(model: nn.Module) -> int:
     """Switch quantized layers to the dequantize-then-BLAS path. The layers keep their
     parameters and type (they stay `nn.QuantizedLinear` for every isinstance check); only
     the compute changes. Returns the number of layers switched."""
-    n = 0
-    for _, m in model.named_modules():
-        if getattr(m, "mode", "affine") != "affine" or "biases" not in m:
-            continue
-        if type(m) is nn.QuantizedLinear:
-            m.__class__ = DequantizedLinear
-            n += 1
-        elif type(m) is nn.QuantizedEmbedding:
-            m.__class__ = DequantizedEmbedding
-            n += 1
-    return n
+    return len(_swap_classes(
+        model, DequantizedLinear, DequantizedEmbedding,
+        lambda m: getattr(m, "mode", "affine") == "affine" and "biases" in m))
 
 
 def _lossless(src: mx.Dtype, dst: mx.Dtype) -> bool:
@@ -207,15 +212,8 @@ def keep_compute_dtype(model: nn.Module, dtype: mx.Dtype) -> int:
     """On the GPU path (MLX's quantized layers as they are), make the affine layers whose
     scales are not in `dtype` return `dtype`. Their type stays a subclass of MLX's, so
     isinstance checks and the saved layout are unchanged. Returns the layers switched."""
-    n = 0
-    for _, m in model.named_modules():
-        if "scales" not in m or m["scales"].dtype == dtype:
-            continue
-        if type(m) is nn.QuantizedLinear:
-            m.__class__ = ComputeDtypeLinear
-            n += 1
-        elif type(m) is nn.QuantizedEmbedding:
-            m.__class__ = ComputeDtypeEmbedding
-            m.compute_dtype = dtype
-            n += 1
-    return n
+    swapped = _swap_classes(model, ComputeDtypeLinear, ComputeDtypeEmbedding,
+                            lambda m: m["scales"].dtype != dtype)
+    for m in swapped:
+        m.compute_dtype = dtype  # what ComputeDtypeEmbedding returns its rows in
+    return len(swapped)

@@ -151,10 +151,24 @@ class DataConfig:
 
 
 @dataclass
+class RewardConfig:
+    # One entry of objective.rewards (grpo): a built-in reward by name (json_valid,
+    # json_schema, field_match, exact_match, regex, length) or a user function
+    # 'file.py:function' with TRL's signature; see mlxtune.objectives.rewards.
+    name: Optional[str] = None
+    function: Optional[str] = None
+    weight: float = 1.0
+    schema: Optional[str] = None   # json_schema: a JSON Schema file
+    pattern: Optional[str] = None  # regex: matched anywhere (re.search)
+    target: Optional[int] = None   # length: completion tokens before the penalty starts
+
+
+@dataclass
 class ObjectiveConfig:
     # sft | dpo | orpo | simpo (the last three train on preference pairs; see
-    # mlxtune.objectives.preference for the formulas).
-    type: str = field(default="sft", metadata=_choices("sft", "dpo", "orpo", "simpo"))
+    # mlxtune.objectives.preference for the formulas) | grpo (rollouts scored by
+    # objective.rewards; mlxtune.objectives.grpo).
+    type: str = field(default="sft", metadata=_choices("sft", "dpo", "orpo", "simpo", "grpo"))
     loss: str = field(default="sigmoid", metadata=_choices("sigmoid", "ipo", "hinge", "robust"))
     # None: the method's default (dpo 0.1, orpo 0.1 (its lambda), simpo 2.0).
     beta: Optional[float] = field(default=None, metadata={"min": 0.0})
@@ -168,6 +182,25 @@ class ObjectiveConfig:
     # DPO: the reference policy's log-probs computed once before training and cached in
     # the run directory, instead of a reference forward pass every step.
     precompute_reference: bool = False
+    # GRPO (TRL's GRPOTrainer keys): completions sampled per prompt (a group; >= 2), the
+    # sampling temperature and top-p, the longest completion in tokens.
+    group_size: int = field(default=8, metadata={"min": 1})
+    temperature: float = field(default=1.0, metadata={"min": 0.0})
+    top_p: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
+    max_completion_tokens: int = field(default=256, metadata={"min": 1})
+    # The ratio's clip range [1 - epsilon, 1 + epsilon_high] (None: epsilon_high = epsilon).
+    epsilon: float = field(default=0.2, metadata={"min": 0.0})
+    epsilon_high: Optional[float] = field(default=None, metadata={"min": 0.0})
+    # dapo: sum over tokens / tokens of the batch; grpo: per-sequence mean, then batch
+    # mean; dr_grpo: sum / (sequences x max_completion_tokens).
+    loss_type: str = field(default="dapo", metadata=_choices("dapo", "grpo", "dr_grpo"))
+    # Advantages: reward - group mean, divided by the std of the group / the batch, or not.
+    scale_rewards: str = field(default="group", metadata=_choices("group", "batch", "none"))
+    # Completions that hit max_completion_tokens take no part in the loss.
+    mask_truncated_completions: bool = False
+    # Optimisation steps per rollout batch (TRL's num_iterations, mu).
+    num_iterations: int = field(default=1, metadata={"min": 1})
+    rewards: list[RewardConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -463,6 +496,7 @@ def _check(cfg: Config, where: str) -> None:
                           "it (sigmoid and robust do)")
     if o.beta == 0 and o.type in ("dpo", "simpo"):
         raise ConfigError(f"{where}: objective.beta: must be > 0 for {o.type}")
+    _check_grpo(cfg, where)
     if cfg.adapter.rank > 4096:
         raise ConfigError(f"{where}: adapter.rank: {cfg.adapter.rank} is implausibly large")
     _check_adapter(cfg, where)
@@ -491,6 +525,33 @@ def _check_adapter(cfg: Config, where: str) -> None:
                               "full needs it true (the reference is the starting weights: "
                               "computed once before training instead of keeping a second "
                               "copy of every trained weight)")
+
+
+# GRPO's own keys, and their defaults (set on another objective: an error).
+GRPO_KEYS = {"group_size": 8, "temperature": 1.0, "top_p": 1.0, "max_completion_tokens": 256,
+             "epsilon": 0.2, "epsilon_high": None, "loss_type": "dapo",
+             "scale_rewards": "group", "mask_truncated_completions": False,
+             "num_iterations": 1, "rewards": []}
+
+
+def _check_grpo(cfg: Config, where: str) -> None:
+    """objective.type grpo and its keys (mlxtune.objectives.rewards checks each reward)."""
+    o = cfg.objective
+    if o.type != "grpo":
+        for key, default in GRPO_KEYS.items():
+            if getattr(o, key) != default:
+                raise ConfigError(f"{where}: objective.{key}: a grpo key; objective.type "
+                                  f"{o.type} does not use it")
+        return
+    if o.group_size < 2:
+        raise ConfigError(f"{where}: objective.group_size: must be >= 2, got {o.group_size} "
+                          "(advantages compare the completions of one prompt with each other)")
+    if not o.rewards:
+        raise ConfigError(f"{where}: objective.rewards: grpo needs at least one reward, e.g. "
+                          "[{name: json_valid, weight: 1.0}]")
+    from mlxtune.objectives import rewards
+
+    rewards.check(o.rewards, where)
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -543,6 +604,14 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
                 _set(cfg, key, str(candidate.resolve()))
             continue
         _set(cfg, key, str((p if p.is_absolute() else base / p).resolve()))
+    for r in cfg.objective.rewards:  # grpo: reward files, as eval's
+        if r.schema:
+            p = Path(r.schema).expanduser()
+            r.schema = str((p if p.is_absolute() else base / p).resolve())
+        if r.function and ".py:" in r.function:
+            file, _, func = r.function.rpartition(":")
+            p = Path(file).expanduser()
+            r.function = f"{(p if p.is_absolute() else base / p).resolve()}:{func}"
     # eval.metric may name a file (path/to/metrics.py:function) instead of a module.
     metric = cfg.eval.metric
     if metric and ".py:" in metric:

@@ -247,3 +247,24 @@ def test_two_ranks_match_one_process(tmp_path, tiny_model_dir, capsys, kind):
     wa, wb = (mx.load(str(d / "adapters" / "adapters.safetensors")) for d in (one, two))
     assert wa.keys() == wb.keys()
     assert max(float(mx.abs(wa[k] - wb[k]).max()) for k in wa) <= 1e-4
+
+
+def test_tui_plan_view_offers_each_type(tiny_model_dir):
+    """The plan view's adapter knob cycles lora / dora / full, and the planner answers
+    each (the view shows the same object `mlxtune plan --json` prints)."""
+    from mlxtune import config, memory
+    from mlxtune.tui.plan_view import knobs, plan_config
+
+    (adapter,) = [k for k in knobs() if k.key == "adapter.type"]
+    assert tuple(adapter.ladder) == ("lora", "dora", "full")
+    cfg = config.from_dict({"model": {"path": str(tiny_model_dir)},
+                            "data": {"train": "x.jsonl", "max_seq_len": 64}})
+    peaks = {}
+    for kind in adapter.ladder:
+        changed = memory.with_changes(cfg, {"adapter.type": kind})
+        plan = plan_config(changed, 16.0)
+        peaks[kind] = memory.plan(changed, usable_gb=16.0).mac.items
+        label = {"lora": "LoRA rank", "dora": "DoRA rank", "full": "full fine-tuning"}[kind]
+        assert any(line.startswith(label) for line in plan["assumptions"]), kind
+    assert peaks["full"]["gradients"] > peaks["dora"]["gradients"] > peaks["lora"]["gradients"]
+    assert peaks["dora"]["activations"] > peaks["lora"]["activations"]

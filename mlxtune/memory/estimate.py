@@ -13,7 +13,8 @@ Each item says which assumption it rests on:
   float32 master weights (in "base weights") with float32 gradients and optimizer state;
   under a 16-bit compute dtype each block computes with a copy of its weights in that
   dtype, kept for the backward pass (also "base weights": one block's with
-  checkpointing, every adapted block's without).
+  checkpointing, every adapted block's without); the optimizer update's temporaries
+  (fitted) count where they exceed what the backward pass held (`update_excess`).
 - activations: what the backward pass needs of each adapted block, plus the working set
   of the block whose backward is running. With train.grad_checkpoint a block keeps only
   its input and is recomputed when its backward runs. Blocks below the first adapted one
@@ -141,7 +142,7 @@ class Workload:
         """Full fine-tuning: the base's weights in the adapted blocks."""
         if not self.full_finetune:
             return []
-        return [w for w in self.weights if (block_index(w.name) or -1) >= self.first_adapted]
+        return [w for w in self.weights if _in_blocks(w.name, self.first_adapted)]
 
     @property
     def trainable_parameters(self) -> int:
@@ -219,6 +220,11 @@ def block_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _in_blocks(name: str, first: int) -> bool:
+    index = block_index(name)
+    return index is not None and index >= first
+
+
 def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
              attention: str = "materialised", full_finetune: bool = False) -> Workload:
     """What one rank computes in one micro-batch of `cfg` (an mlxtune Config).
@@ -263,7 +269,7 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
     weights = tuple(weights_mod.base_weights(shape, cfg.model, DTYPE_BYTES[dtype]))
     if kind == "full":
         first = n - adapted
-        quantized = [w for w in weights if w.quantized and (block_index(w.name) or -1) >= first]
+        quantized = [w for w in weights if w.quantized and _in_blocks(w.name, first)]
         if quantized:
             raise ConfigError(f"{cfg.source or '<config>'}: adapter.type: full trains every "
                               f"weight and needs a dense base; {cfg.model.path} has quantized "
@@ -347,10 +353,6 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
         # DoRA: each adapted layer's output before its magnitude scaling, kept for the
         # magnitudes' gradient (per adapted block, like the saved_* above).
         "saved_dora": 0.0,
-        # Full fine-tuning: float32 arrays the size of the trained weights beyond the
-        # weights, gradients and optimizer state (the clipped gradients and the update's
-        # new state while the old one is alive).
-        "full_update": 0.0,
         "framework": 1e6,
     }
     per_block = {"saved_d": N * c * s.hidden_size,
@@ -363,8 +365,6 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
         f[k] = kept * v
     if w.dora:
         f["saved_dora"] = kept * N * c * lora_out
-    if w.full_finetune:
-        f["full_update"] = 4.0 * w.trainable_parameters
     if w.grad_checkpoint:
         f["ckpt_d"] = n * N * c * s.hidden_size
     head = N * s.vocab_size * 4.0
@@ -396,7 +396,7 @@ _ITEM_OF = {"saved_d": "activations", "saved_qkv": "activations", "saved_ffn": "
             "dequant_max": "dequantization (CPU)", "dequant_all": "dequantization (CPU)",
             "dequant_own": "dequantization (CPU)", "dequant_max_ckpt": "dequantization (CPU)",
             "dequant_all_ckpt": "dequantization (CPU)",
-            "saved_dora": "activations", "full_update": "optimizer state",
+            "saved_dora": "activations",
             "framework": "framework"}
 
 
@@ -454,10 +454,26 @@ def estimate(w: Workload, coefficients: dict | None = None) -> Breakdown:
     items = fixed_bytes(w)
     for name, value in features(w, coef).items():
         items[_ITEM_OF[name]] += coef[name] * value
+    if w.full_finetune:
+        items["optimizer state"] += update_excess(w, items, coef)
     ref = None
     if w.reference_pass:
         ref = reference_pass_bytes(w, coef)
     return Breakdown(w, items, ref)
+
+
+RESIDENT = ("base weights", "LoRA adapter", "gradients", "optimizer state")
+
+
+def update_excess(w: Workload, items: dict, coef: dict) -> float:
+    """Full fine-tuning: the optimizer update's float32 temporaries (the clipped
+    gradients, the new moments and weights while the old ones are alive: fitted,
+    COEFFICIENTS["full_update"] copies of the trained weights) come after the backward
+    pass has freed the activations, so the step's peak is the larger of the two; what
+    the update holds beyond the activations' items is added to "optimizer state"."""
+    update = coef["full_update"] * 4.0 * w.trainable_parameters
+    backward = sum(v for k, v in items.items() if k not in RESIDENT)
+    return max(0.0, update - backward)
 
 
 def reference_pass_bytes(w: Workload, coef: dict) -> float:

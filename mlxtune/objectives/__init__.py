@@ -9,17 +9,20 @@ extra metrics (TRL's `rewards/...`, `logps/...`) are sums over the same items.
 - `sft` (mlxtune.objectives.sft): cross-entropy on the loss-bearing tokens.
 - `dpo`, `orpo`, `simpo` (mlxtune.objectives.preference): losses over pairs of answers;
   `dpo` also takes the reference policy's log-probs (mlxtune.objectives.reference).
+- `grpo` (mlxtune.objectives.grpo): the clipped policy-gradient loss over a rollout batch
+  (mlxtune.objectives.rollout) scored by objective.rewards (mlxtune.objectives.rewards);
+  its weight depends on objective.loss_type (tokens for dapo, completions otherwise).
 """
 
 from __future__ import annotations
 
 from functools import partial
 
-from mlxtune.objectives import preference
+from mlxtune.objectives import grpo, preference
 from mlxtune.objectives.sft import sft, token_losses
 
 OBJECTIVES = {"sft": sft, "dpo": preference.dpo, "orpo": preference.orpo,
-              "simpo": preference.simpo}
+              "simpo": preference.simpo, "grpo": grpo.grpo}
 PREFERENCE = ("dpo", "orpo", "simpo")
 WITH_REFERENCE = ("dpo",)  # the others are reference-free
 
@@ -40,6 +43,8 @@ def build(cfg) -> callable:
             loss_sum, ntok = sft(model, *batch, chunk=chunk)
             return loss_sum, ntok, {}
         return with_metrics
+    if o.type == "grpo":
+        return grpo.bind(cfg)
     if o.type == "dpo":
         return partial(preference.dpo, loss=o.loss, beta=beta_of(o),
                        label_smoothing=o.label_smoothing, rpo_alpha=o.rpo_alpha, chunk=chunk)

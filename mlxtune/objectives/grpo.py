@@ -106,8 +106,9 @@ def grpo_loss(logps, old_logps, adv, mask, *, loss_type: str = "dapo", epsilon: 
               max_completion_tokens: int = 256) -> tuple[mx.array, mx.array, dict]:
     """(loss sum, weight, metric sums) from per-token log-probs [B, T], the rollout
     policy's [B, T] (None: this pass's own, detached: the ratio is 1), advantages [B],
-    the completion mask [B, T]. Metric sums are over completion tokens, with their count
-    as `tokens`."""
+    the completion mask [B, T]. Metric sums are over completion tokens (the caller
+    divides by their count: mask.sum(); returning that count here too breaks mx.compile,
+    which merges it with dapo's weight into one output)."""
     if old_logps is None:
         old_logps = mx.stop_gradient(logps)
     eh = epsilon if epsilon_high is None else epsilon_high
@@ -115,11 +116,12 @@ def grpo_loss(logps, old_logps, adv, mask, *, loss_type: str = "dapo", epsilon: 
     total, weight = reduce(loss, mask, loss_type, max_completion_tokens)
     m = mask.astype(mx.float32)
     low, high = (parts["low"] * m).sum(), (parts["high"] * m).sum()
-    metrics = {"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
-               "clip_ratio": low + high, "tokens": m.sum()}
+    metrics = {"clip_ratio/low_mean": mx.stop_gradient(low),
+               "clip_ratio/high_mean": mx.stop_gradient(high),
+               "clip_ratio": mx.stop_gradient(low + high)}
     if "kl" in parts:
         metrics["kl"] = mx.stop_gradient(parts["kl"] * m).sum()
-    return total, weight, {k: mx.stop_gradient(v) for k, v in metrics.items()}
+    return total, weight, metrics
 
 
 # ----------------------------------------------------------------------------- on a model
@@ -148,3 +150,20 @@ def grpo(model: nn.Module, tokens: mx.array, mask: mx.array, adv: mx.array,
     return grpo_loss(logps, old_logps, adv, m, loss_type=loss_type, epsilon=epsilon,
                      epsilon_high=epsilon_high, beta=beta, ref_logps=ref_logps,
                      max_completion_tokens=max_completion_tokens)
+
+
+def bind(cfg):
+    """The objective of a grpo run's config: fn(model, tokens, mask, advantages, [old
+    log-probs when num_iterations > 1], [reference log-probs when beta > 0])."""
+    o = cfg.objective
+    beta = o.beta or 0.0
+    with_old = o.num_iterations > 1
+
+    def objective(model, tokens, mask, adv, *extra):
+        old = extra[0] if with_old else None
+        ref = extra[-1] if beta else None
+        return grpo(model, tokens, mask, adv, old, ref, loss_type=o.loss_type,
+                    epsilon=o.epsilon, epsilon_high=o.epsilon_high, beta=beta,
+                    max_completion_tokens=o.max_completion_tokens,
+                    temperature=o.temperature or 1.0, chunk=cfg.train.loss_chunk)
+    return objective

@@ -80,6 +80,11 @@ def fit_grid() -> list[dict]:
     for layers in (2, 6):
         add(f"dora-{layers}l", tiny(num_hidden_layers=layers), set={"adapter.type": "dora"})
         add(f"full-{layers}l", tiny(num_hidden_layers=layers), set={"adapter.type": "full"})
+    # Full fine-tuning's count multiplies the trained weights: models where they weigh.
+    add("full-medium-4l", {"tiny": {**MEDIUM, "num_hidden_layers": 4}}, batch=2,
+        set={"adapter.type": "full"})
+    add("full-medium-8l-b1", {"tiny": {**MEDIUM, "num_hidden_layers": 8}}, batch=1,
+        set={"adapter.type": "full"})
     return grid
 
 

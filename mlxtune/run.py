@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -59,6 +60,15 @@ def _check_resumable(cfg: Config, run_dir: Path) -> None:
 
 
 def _encode(split: str, records, fmt, tokenizer, cfg: Config, progress: Progress):
+    if cfg.objective.type == "grpo":  # prompts to sample completions for
+        from mlxtune.objectives.rollout import encode_prompts
+
+        enc = encode_prompts(records, fmt, tokenizer, cfg.data.max_seq_len,
+                             cfg.objective.max_completion_tokens)
+        if enc.n_truncated:
+            progress.message(f"{split}: {enc.n_truncated} of {len(records)} prompts left out: "
+                             "longer than data.max_seq_len - objective.max_completion_tokens")
+        return enc
     if fmt == "preference":
         enc = encode_pairs(records, tokenizer, cfg.data.max_seq_len)
         what = "pairs"
@@ -157,6 +167,13 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         from mlxtune.evaluate import check as check_eval
 
         check_eval(cfg)  # a bad schema file or metric fails now, not after training
+    grpo = cfg.objective.type == "grpo"
+    if grpo:  # reward files and functions load now, before anything is written
+        from mlxtune.objectives import rewards as grpo_rewards
+        from mlxtune.train import grpo_loop
+
+        grpo_loop.check(cfg, world.size)
+        rewards = grpo_rewards.build(cfg.objective.rewards, cfg.source)
     if not train_set.examples:
         raise DataError(f"{cfg.data.train or cfg.data.path}: no training example has a "
                         "loss-bearing token within data.max_seq_len")
@@ -167,7 +184,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         adapter_config = adapters.load(model, Path(cfg.model.adapter))
     else:
         adapter_config = adapters.apply_lora(model, cfg.adapter)
-    if cfg.objective.type in objectives.WITH_REFERENCE:
+    if cfg.objective.type in objectives.WITH_REFERENCE or (grpo and cfg.objective.beta):
         if cfg.model.adapter:  # the reference: base + the starting adapter, frozen
             adapters.freeze_reference(model)
             progress.message(f"reference: the base with a frozen copy of {cfg.model.adapter}")
@@ -175,7 +192,9 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
             progress.message("reference: the base (the adapter switched off)")
     adapter_config["base_model"] = cfg.model.path
     trainable, total = adapters.parameter_counts(model)
-    batches = training_batches(
+    batches = grpo_loop.PromptBatcher(
+        train_set.examples, cfg.train.batch_size, cfg.train.seed,
+        cfg.objective.group_size) if grpo else training_batches(
         train_set.examples, fmt == "preference", cfg.data, cfg.train, _pad_id(loaded.tokenizer),
         PAD_MULTIPLE, loaded.config,
         attention.skips_other_examples(model, backend.compute_dtype(cfg.model.dtype)))
@@ -211,9 +230,11 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                          f"{info['backend']}, {info['blas']}, {info['profile']} profile, "
                          f"{dtype})")
         progress.message(cpu_kernels)  # which CPU kernels run, and why (a failed build too)
-        trainer = Trainer(model, adapter_config, cfg, train_set.examples, valid_set.examples,
-                          run_dir, events, progress, pad_id=_pad_id(loaded.tokenizer),
-                          batches=batches, world=world)
+        trainer = (partial(grpo_loop.GRPOTrainer, tokenizer=loaded.tokenizer, rewards=rewards)
+                   if grpo else Trainer)(
+            model, adapter_config, cfg, train_set.examples, valid_set.examples,
+            run_dir, events, progress, pad_id=_pad_id(loaded.tokenizer),
+            batches=batches, world=world)
         progress.message(trainer.batches.describe())
         if world.size > 1:
             progress.message(f"data parallel: {world.size} ranks, "

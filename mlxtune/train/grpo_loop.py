@@ -72,9 +72,7 @@ class GRPOTrainer(Trainer):
     def __init__(self, *args, tokenizer, rewards, **kwargs):
         super().__init__(*args, **kwargs)
         o = self.cfg.objective
-        if self.world.size > 1:
-            raise ConfigError(f"{self.cfg.source}: objective.type: grpo does not run on "
-                              "several ranks yet (run it as one process)")
+        check(self.cfg, self.world.size)
         self.tokenizer, self.rewards = tokenizer, rewards
         from mlxtune.evaluate import stop_ids
 
@@ -219,8 +217,11 @@ class GRPOTrainer(Trainer):
         return None
 
 
-def check(cfg) -> None:
+def check(cfg, ranks: int = 1) -> None:
     """Trainer settings GRPO does not take (one line naming the key)."""
+    if ranks > 1:
+        raise ConfigError(f"{cfg.source}: objective.type: grpo does not run on several "
+                          "ranks yet (run it as one process)")
     if cfg.train.grad_accumulation > 1:
         raise ConfigError(f"{cfg.source}: train.grad_accumulation: grpo trains each rollout "
                           "batch as one step; use train.max_batch_tokens to split it into "

@@ -45,20 +45,12 @@ def cut_gguf(src: Path, dst: Path, blocks: list[int], dense: bool) -> None:
     copied as stored, or decoded to F32 with `dense`."""
     import gguf
 
-    from mlxtune.export.gguf_fused import _SKIP_KEYS, _decode, _nbytes
+    from mlxtune.export.gguf_fused import _decode, _nbytes, writer_with_metadata
     from mlxtune.models import gguf_file
 
     f = gguf_file.read(src)
-    reader = gguf.GGUFReader(str(src))
-    arch = str(reader.fields["general.architecture"].contents())
-    writer = gguf.GGUFWriter(str(dst), arch)
-    for key, field in reader.fields.items():
-        if key.startswith(_SKIP_KEYS):
-            continue
-        main = field.types[0]
-        sub = field.types[-1] if main == gguf.GGUFValueType.ARRAY else None
-        value = len(blocks) if key == f"{arch}.block_count" else field.contents()
-        writer.add_key_value(key, value, main, sub)
+    arch = f.metadata["general.architecture"]
+    writer = writer_with_metadata(src, dst, {f"{arch}.block_count": len(blocks)})
     writer.add_file_type(0 if dense else 3)  # ALL_F32 | MOSTLY_Q4_1
 
     def new_name(name: str) -> str | None:

@@ -97,6 +97,28 @@ def deltas(lora: Lora) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     return out
 
 
+def writer_with_metadata(base_path: Path, out: Path, changed: dict | None = None):
+    """A GGUFWriter for `out` holding base_path's metadata with its GGUF types (the
+    tokenizer, template, hyperparameters), each key in `changed` given its new value;
+    the file type, tensors and data are the caller's to add."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(base_path))
+    arch = str(reader.fields["general.architecture"].contents())
+    writer = gguf.GGUFWriter(str(out), arch)
+    for key, field in reader.fields.items():
+        if key.startswith(_SKIP_KEYS):
+            continue
+        main = field.types[0]
+        sub = field.types[-1] if main == gguf.GGUFValueType.ARRAY else None
+        if main == gguf.GGUFValueType.ARRAY and len(field.types) > 2:
+            raise ExportError(f"{base_path}: metadata {key} is a nested array, which this "
+                              "exporter cannot copy")
+        value = (changed or {}).get(key, field.contents())
+        writer.add_key_value(key, value, main, sub)
+    return writer
+
+
 def write_merged(base_path: Path, out: Path, outtype: str = "f16",
                  changes: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None) -> None:
     """Write base_path's model to `out` in `outtype`, each named tensor replaced by what
@@ -110,18 +132,7 @@ def write_merged(base_path: Path, out: Path, outtype: str = "f16",
     unknown = sorted(set(changes) - {t.name for t in f.tensors})
     if unknown:
         raise ExportError(f"{base_path}: no tensor {unknown[0]} to merge the adapter into")
-    reader = gguf.GGUFReader(str(base_path))   # for the metadata with its GGUF types
-    arch = str(reader.fields["general.architecture"].contents())
-    writer = gguf.GGUFWriter(str(out), arch)
-    for key, field in reader.fields.items():
-        if key.startswith(_SKIP_KEYS):
-            continue
-        main = field.types[0]
-        sub = field.types[-1] if main == gguf.GGUFValueType.ARRAY else None
-        if main == gguf.GGUFValueType.ARRAY and len(field.types) > 2:
-            raise ExportError(f"{base_path}: metadata {key} is a nested array, which this "
-                              "exporter cannot copy")
-        writer.add_key_value(key, field.contents(), main, sub)
+    writer = writer_with_metadata(base_path, out)
     writer.add_file_type(_FILE_TYPES[outtype])
     plan = []
     for t in f.tensors:

@@ -525,6 +525,12 @@ def _check_adapter(cfg: Config, where: str) -> None:
                               "full needs it true (the reference is the starting weights: "
                               "computed once before training instead of keeping a second "
                               "copy of every trained weight)")
+        if o.type == "grpo" and o.beta:
+            raise ConfigError(f"{where}: objective.beta: grpo's KL term with adapter.type full "
+                              "would need the starting weights beside the trained ones (a "
+                              "second copy of every trained weight, for new completions each "
+                              "step); set objective.beta: 0 (as DAPO and Dr. GRPO do) or use "
+                              "adapter.type lora / dora")
 
 
 # GRPO's own keys, and their defaults (set on another objective: an error).

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from conftest import expected_compute_dtype
 from test_dora import TOKENS, _logits, mlx_lm_logits
+from test_grpo import grpo_dir  # noqa: F401  (a fixture)
 from test_train import chat, run_cli
 from tiny import build_model, model_args, write_jsonl
 
@@ -268,3 +269,31 @@ def test_tui_plan_view_offers_each_type(tiny_model_dir):
         assert any(line.startswith(label) for line in plan["assumptions"]), kind
     assert peaks["full"]["gradients"] > peaks["dora"]["gradients"] > peaks["lora"]["gradients"]
     assert peaks["dora"]["activations"] > peaks["lora"]["activations"]
+
+
+@pytest.mark.parametrize("kind,beta", [("dora", 0.01), ("full", 0.0)])
+def test_grpo_trains_dora_and_full(grpo_dir, capsys, kind, beta):
+    """GRPO with DoRA (its KL term to the base: the adapter switched off) and with full
+    fine-tuning (no KL term: with one it would need a second copy of the weights, which
+    the config refuses); the reward rises either way."""
+    from test_grpo import trains
+
+    run_dir = grpo_dir / f"run-{kind}"
+    lr = "1e-2" if kind == "dora" else "1e-3"
+    code, out = run_cli(["run", str(grpo_dir / "config.yaml"), "--run-dir", str(run_dir),
+                         "--set", f"adapter.type={kind}", "--set", f"objective.beta={beta}",
+                         "--set", "train.iters=12", "--set", f"train.learning_rate={lr}",
+                         "--set", "adapter.layers=1"], capsys)
+    assert code == 0, out.err
+    events = trains(run_dir)
+    assert np.mean([e["reward"] for e in events[-3:]]) > np.mean(
+        [e["reward"] for e in events[:2]]), [e["reward"] for e in events]
+    if beta:
+        assert events[0]["kl"] == pytest.approx(0, abs=1e-6)  # DoRA starts as the base
+    saved = json.loads((run_dir / "adapters" / "adapter_config.json").read_text())
+    assert saved["fine_tune_type"] == kind
+    code, out = run_cli(["run", str(grpo_dir / "config.yaml"), "--run-dir",
+                         str(grpo_dir / "refused"), "--set", "adapter.type=full",
+                         "--set", "objective.beta=0.04"], capsys)
+    assert code != 0 and "objective.beta: grpo's KL term with adapter.type full" in out.err
+    assert not (grpo_dir / "refused").exists()

@@ -399,6 +399,36 @@ def reference_pass(model: nn.Module):
             m.use_reference = False
 
 
+def describe(model: nn.Module, adapter_config: dict) -> str:
+    """One line on what trains, for `mlxtune run`'s output."""
+    kind = adapter_config.get("fine_tune_type", "lora")
+    blocks = adapter_config.get("num_layers", len(model.layers))
+    st = _full(model)
+    if st is not None:
+        n = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        masters = [b for b in model.layers[st.first:] if isinstance(b, _MasterBlock)]
+        how = (f"float32 master weights, computed in "
+               f"{str(masters[0]._mlxtune_compute_dtype).split('.')[-1]}" if masters
+               else "float32")
+        return (f"adapter: full fine-tuning of the last {blocks} blocks ({n:,} weights, {how}; "
+                "embeddings, final norm and output layer frozen)")
+    layers = lora_layers(model)
+    if not layers:
+        return "adapter: none"
+    lp = adapter_config.get("lora_parameters") or {}
+    rank, scale = lp.get("rank", "?"), layers[0][1].scale
+    name = {"dora": "DoRA"}.get(kind, "LoRA")
+    if adapter_config.get("rslora"):
+        name = "rs" + name
+    line = (f"adapter: {name} r{rank}, scale {scale:g}, on {len(layers)} linear layers of the "
+            f"last {blocks} blocks")
+    if kind == "dora" and any(isinstance(m.linear, quant.QUANTIZED_TYPES) for _, m in layers):
+        line += ("; the base is quantized: the magnitudes start at its dequantized rows' "
+                 f"norms, and each step sends {rank} rows per layer through it for the "
+                 "adapted norms")
+    return line
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); quantized weights count as the values they stand for."""
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))

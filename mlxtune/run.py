@@ -184,6 +184,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         adapter_config = adapters.load(model, Path(cfg.model.adapter))
     else:
         adapter_config = adapters.apply_lora(model, cfg.adapter)
+    progress.message(adapters.describe(model, adapter_config))
     if cfg.objective.type in objectives.WITH_REFERENCE or (grpo and cfg.objective.beta):
         if cfg.model.adapter:  # the reference: base + the starting adapter, frozen
             adapters.freeze_reference(model)

@@ -281,3 +281,17 @@ def test_adapter_config_errors_name_the_key(setting, match):
         raw.setdefault(k, {}).update(v)
     with pytest.raises(ConfigError, match=match):
         config.from_dict(raw, where="c.yaml")
+
+
+def test_run_says_what_trains(tiny_quantized_model_dir, tiny_model_dir):
+    """`mlxtune run`'s adapter line: DoRA on a quantized base says what it does."""
+    loaded = models.load(ModelConfig(path=str(tiny_quantized_model_dir)))
+    cfg = adapters.apply(loaded.model, AdapterConfig(type="dora", rank=4, alpha=8))
+    line = adapters.describe(loaded.model, cfg)
+    assert line.startswith("adapter: DoRA r4, scale 2, on 14 linear layers of the last 2 "
+                           "blocks; the base is quantized: the magnitudes start at its "
+                           "dequantized rows' norms"), line
+    loaded = models.load(ModelConfig(path=str(tiny_model_dir)))
+    cfg = adapters.apply(loaded.model, AdapterConfig(rank=16, alpha=8, rslora=True))
+    assert adapters.describe(loaded.model, cfg) == \
+        "adapter: rsLoRA r16, scale 2, on 14 linear layers of the last 2 blocks"

@@ -3,6 +3,7 @@
     python scripts/adapter_table.py run [--only NAME ...]   # train + evaluate, one at a time
     python scripts/adapter_table.py table                   # the markdown table from the runs
     python scripts/adapter_table.py plan                    # the planner's 7B numbers per method
+    python scripts/adapter_table.py time [--rounds 3]       # seconds per step, measured apart
 
 Every method trains configs/quickstart.yaml (80 steps of 4 examples, seed 0, cosine
 schedule with 5 warmup steps) and is evaluated at the end of its run on the 179 held-out
@@ -30,7 +31,7 @@ EVAL = ["eval.base=false", "eval.shots=0", "eval.forgetting=false"]
 # name -> (label, --set overrides)
 METHODS = {
     "full": ("full fine-tuning", [f"model.path={DENSE}", "adapter.type=full",
-                                  "train.learning_rate=5.0e-5"]),
+                                  "train.learning_rate=1.0e-4"]),
     "lora-r16": ("LoRA r16", [f"model.path={DENSE}", "adapter.rank=16", "adapter.alpha=32"]),
     "dora-r16": ("DoRA r16", [f"model.path={DENSE}", "adapter.type=dora", "adapter.rank=16",
                               "adapter.alpha=32"]),
@@ -100,8 +101,11 @@ METRICS = [("loss", "test loss", "{:.4f}"), ("schema_match", "schema match", "{:
 
 def table() -> str:
     rows = {n: summary(n) for n in METHODS}
+    timing = OUT / "timing.json"
+    timed = json.loads(timing.read_text())["median"] if timing.exists() else {}
     full = rows.get("full")
-    head = ("| method | trainable params | peak GB (planned) | s/step | best val loss | "
+    head = ("| method | trainable params | peak GB (planned) | s/step (run; timed apart) | "
+            "best val loss | "
             + " | ".join(m[1] for m in METRICS) + " | % of full (field accuracy) |")
     lines = [head, "|" + "---|" * (6 + len(METRICS))]
     for name, (label, _) in METHODS.items():
@@ -116,8 +120,9 @@ def table() -> str:
         pct = "-"
         if full is not None and full["tuned"].get("metric"):
             pct = f"{r['tuned']['metric'] / full['tuned']['metric']:.1%}"
+        apart = f"{timed[name]:.2f}" if name in timed else "-"
         lines.append(f"| {label} | {r['trainable']:,} | {r['peak_gb']:.2f} ({r['planned_gb']}) | "
-                     f"{r['s_per_step']:.2f} | {r['val']:.4f} | " + " | ".join(vals)
+                     f"{r['s_per_step']:.1f}; {apart} | {r['val']:.4f} | " + " | ".join(vals)
                      + f" | {pct} |")
     return "\n".join(lines)
 
@@ -154,15 +159,53 @@ def plan_table() -> str:
     return "\n".join(lines)
 
 
+def time_steps(rounds: int, steps: int) -> dict:
+    """Seconds per step of each method, measured apart from the long runs: `rounds`
+    rounds of short runs (`steps` steps, no validation, no checkpoint, no eval), the
+    methods one after another in each round, so that each meets the same load on a
+    shared machine. The median over rounds of each run's median step (steps 3 onwards:
+    the first compile their graphs)."""
+    import tempfile
+
+    dense_base()
+    out: dict = {name: [] for name in METHODS}
+    for r in range(rounds):
+        for name in METHODS:
+            work = Path(tempfile.mkdtemp(prefix=f"time-{name}-", dir=OUT))
+            cmd = command(name)
+            cmd[cmd.index("--run-dir") + 1] = str(work / "run")
+            cmd += ["--no-eval", "-q", "--set", f"train.iters={steps}", "--set",
+                    "train.eval_every=0", "--set", "train.save_every=0", "--set",
+                    "train.log_every=1", "--set", "train.warmup=0"]
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            events = [json.loads(line) for line in
+                      (work / "run" / "events.jsonl").read_text().splitlines() if line.strip()]
+            trains = [e for e in events if e["event"] == "train"]
+            per = [b["time"] - a["time"] for a, b in zip(trains, trains[1:])][1:]
+            out[name].append(statistics.median(per))
+            print(f"round {r + 1} {name}: {statistics.median(per):.2f} s/step", flush=True)
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+    result = {name: statistics.median(v) for name, v in out.items()}
+    (OUT / "timing.json").write_text(json.dumps({"per_round": out, "median": result},
+                                                indent=1) + "\n")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "table", "plan"))
+    ap.add_argument("what", choices=("run", "table", "plan", "time"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--only", action="append", choices=list(METHODS))
     args = ap.parse_args()
     if args.what == "run":
         run(args.only or list(METHODS))
     elif args.what == "table":
         print(table())
+    elif args.what == "time":
+        print(json.dumps(time_steps(args.rounds, args.steps), indent=1))
     else:
         print(plan_table())
 

@@ -107,8 +107,10 @@ def test_missing_package_is_one_line_before_anything_is_written(workdir, capsys,
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "wandb" else real(name, *a))
     run_dir = workdir / "run"
+    # wandb alone: tensorboard may be missing too where the extras are not installed (the
+    # default test run), and the check names the first missing package.
     code, out = run_cli(["run", str(workdir / "config.yaml"), "--run-dir", str(run_dir), "-q",
-                         "--set", "train.report_to=[tensorboard,wandb]"], capsys)
+                         "--set", "train.report_to=[wandb]"], capsys)
     assert code != 0
     lines = out.err.strip().splitlines()
     assert len(lines) == 1, out.err

@@ -132,7 +132,7 @@ PLAN_MODEL = "mistralai/Mistral-7B-Instruct-v0.3"
 
 def plan_table() -> str:
     """The planner's peak for a 7B (Mistral-7B-Instruct-v0.3) on a Mac per method: batch
-    1 x 512 tokens, no checkpointing, every linear layer of every block."""
+    1 x 512 tokens, without and with checkpointing, every linear layer of every block."""
     import mlxtune  # noqa: F401
     from mlxtune import config
     from mlxtune.memory import shapes, tiers
@@ -143,19 +143,22 @@ def plan_table() -> str:
                ("DoRA r16", {"type": "dora", "rank": 16, "alpha": 32}, None),
                ("QLoRA r16 (4-bit)", {"rank": 16, "alpha": 32}, "4-bit"),
                ("rsLoRA r64", {"rank": 64, "alpha": 16, "rslora": True}, None)]
-    lines = ["| method | planned peak (GB) | items over 1 GB | 32 | 64 | 128 |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | checkpointing | planned peak (GB) | items over 1 GB | 32 | 64 | 128 |",
+             "|---|---|---|---|---|---|---|"]
     for label, adapter, base in methods:
-        raw = {"name": "plan", "model": {"path": PLAN_MODEL}, "adapter": adapter,
-               "data": {"train": "x.jsonl", "max_seq_len": 512}, "train": {"batch_size": 1}}
-        if base:
-            raw["model"]["quantize"] = {"format": "affine", "bits": 4, "group_size": 64}
-        cfg = config.from_dict(raw)
-        b = estimate(workload(cfg, shapes.resolve(cfg.model), "metal"))
-        verdicts = [tiers.verdict(b.peak, m.usable_bytes) for m in tiers.tiers()]
-        big = ", ".join(f"{k} {v:.1f}" for k, v in sorted(b.gb().items(), key=lambda kv: -kv[1])
-                        if v >= 1.0)
-        lines.append(f"| {label} | {b.peak / 1e9:.1f} | {big} | " + " | ".join(verdicts) + " |")
+        for ckpt in (False, True):
+            raw = {"name": "plan", "model": {"path": PLAN_MODEL}, "adapter": adapter,
+                   "data": {"train": "x.jsonl", "max_seq_len": 512},
+                   "train": {"batch_size": 1, "grad_checkpoint": ckpt}}
+            if base:
+                raw["model"]["quantize"] = {"format": "affine", "bits": 4, "group_size": 64}
+            cfg = config.from_dict(raw)
+            b = estimate(workload(cfg, shapes.resolve(cfg.model), "metal"))
+            verdicts = [tiers.verdict(b.peak, m.usable_bytes) for m in tiers.tiers()]
+            big = ", ".join(f"{k} {v:.1f}" for k, v in
+                            sorted(b.gb().items(), key=lambda kv: -kv[1]) if v >= 1.0)
+            lines.append(f"| {label if not ckpt else ''} | {'on' if ckpt else 'off'} | "
+                         f"{b.peak / 1e9:.1f} | {big} | " + " | ".join(verdicts) + " |")
     return "\n".join(lines)
 
 

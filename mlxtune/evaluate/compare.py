@@ -119,6 +119,7 @@ def _measure(cfg: Config, records, fmt: str, train, shots: list[int], limit: int
                 continue
             held, prompts = few[0], few[1]
         side_fmt = "chat" if k and fmt == "preference" else fmt
+        log(f"{label} {name}" + (" (adapter off)" if adapter is not None else "") + ":")
         setup = _adapter_off(model) if adapter is not None else _nothing()
         with setup:
             sides[name], _, _ = measure_side(model, tok, held, prompts, task.scorer, cfg,
@@ -127,6 +128,7 @@ def _measure(cfg: Config, records, fmt: str, train, shots: list[int], limit: int
         if k:
             sides[name]["shots"] = few[2]["shots_per_request"]
     if adapter is not None:
+        log(f"{label} tuned (the pilot run's adapter):")
         sides["tuned"], _, _ = measure_side(model, tok, task.held, task.prompts, task.scorer,
                                             cfg, pad_id, task.max_new, log, fmt, status,
                                             f"{label} tuned")

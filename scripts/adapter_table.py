@@ -4,6 +4,7 @@
     python scripts/adapter_table.py table                   # the markdown table from the runs
     python scripts/adapter_table.py plan                    # the planner's 7B numbers per method
     python scripts/adapter_table.py time [--rounds 3]       # seconds per step, measured apart
+    python scripts/adapter_table.py readme                  # both tables into README.md
 
 Every method trains configs/quickstart.yaml (80 steps of 4 examples, seed 0, cosine
 schedule with 5 warmup steps) and is evaluated at the end of its run on the 179 held-out
@@ -196,9 +197,22 @@ def time_steps(rounds: int, steps: int) -> dict:
     return result
 
 
+def write_readme() -> None:
+    """Put the two tables into README.md between their markers."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for marker, body in (("adapter table", table()), ("adapter plan", plan_table())):
+        start = f"<!-- {marker}: scripts/adapter_table.py {marker.split()[-1]} -->"
+        end = f"<!-- end of {marker} -->"
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = f"{before}{start}\n{body}\n{end}{after}"
+    readme.write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "table", "plan", "time"))
+    ap.add_argument("what", choices=("run", "table", "plan", "time", "readme"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--only", action="append", choices=list(METHODS))
@@ -207,6 +221,8 @@ def main() -> None:
         run(args.only or list(METHODS))
     elif args.what == "table":
         print(table())
+    elif args.what == "readme":
+        write_readme()
     elif args.what == "time":
         print(json.dumps(time_steps(args.rounds, args.steps), indent=1))
     else:

@@ -269,7 +269,7 @@ def data_command(config_path, overrides, as_json, fix_dir):
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--models", "candidates", multiple=True, required=True, metavar="A B ...",
               help="Candidate bases: packaged names, hub ids in the local cache, mlx-lm "
-                   "folders, .gguf files.")
+                   "folders, .gguf files (the list ends at the next option).")
 @click.option("--shots", "shots", multiple=True, type=click.IntRange(min=0),
               metavar="K ...", help="Few-shot settings to measure the base with "
               "(default: 0 and eval.shots).")
@@ -281,7 +281,7 @@ def data_command(config_path, overrides, as_json, fix_dir):
 @click.option("--usable-gb", type=click.FloatRange(min=0, min_open=True), metavar="GB",
               help="This machine's usable memory for the planner (default: what MLX "
                    "reports).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Where compare.json, compare.md and pilot runs go "
                    "(default: runs/compare-NAME-TIMESTAMP).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

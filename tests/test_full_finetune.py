@@ -112,6 +112,11 @@ def test_full_run_resume_eval_and_mlx_lm(full_workdir, capsys, profile):
     theirs, reference = mlx_lm_logits(base, run_dir / "adapters",
                                       backend.compute_dtype("auto"))
     e_theirs = np.abs(theirs - reference).max()
+    with capsys.disabled():
+        print(f"\nfull {profile}: |mlx-lm - f64| {e_theirs:.3g}, |mlxtune - f64| "
+              f"{np.abs(ours - reference).max():.3g}, |mlxtune - mlx-lm| "
+              f"{np.abs(ours - theirs).max():.3g} (logits up to "
+              f"{np.abs(reference).max():.2f})")
     assert np.abs(ours - reference).max() <= 2 * e_theirs
     assert np.abs(ours - theirs).max() <= 3 * e_theirs
     plain = models.load(ModelConfig(path=str(base)))

@@ -299,7 +299,8 @@ def _cell(v, fmt: str = "{:.2f}") -> str:
 
 
 def markdown(result: dict) -> str:
-    """The table: one row per candidate, ranked; failed candidates last with their reason."""
+    """The table: one row per candidate, ranked; failed candidates last with their reason.
+    (Also renders a compare.json read back: `markdown(json.load(...))`.)"""
     from mlxtune.evaluate import report
 
     main = result.get("main_metric")
@@ -309,8 +310,8 @@ def markdown(result: dict) -> str:
         for s in r.get("sides", {}):
             if s not in side_names:
                 side_names.append(s)
-    head = ["rank", "model", "parameters", "planned peak GB (here)", "32 / 64 / 128 GB",
-            "step s", "train tok/s", "decode tok/s"]
+    head = ["rank", "model", "parameters", "planned peak GB here / Mac", "measured peak GB",
+            "32 / 64 / 128 GB", "step s", "train tok/s", "decode tok/s"]
     if key:
         head += [f"{main['label']} {s}" for s in side_names]
         head += ["loss " + s for s in side_names if key != "loss"]
@@ -323,7 +324,9 @@ def markdown(result: dict) -> str:
         tiers = r.get("tiers") or {}
         cells = [str(n) if model in result["ranking"] else "-", f"`{model}`",
                  _count(r["parameters"]) if r.get("parameters") else "-",
-                 _cell(r.get("peak_gb")),
+                 f"{_cell(r.get('peak_gb'))} / {_cell(r.get('mac_peak_gb'))}"
+                 if r.get("peak_gb") is not None else "-",
+                 _cell(r.get("measured_peak_gb")),
                  " / ".join(tiers.get(t, "-") for t in ("32", "64", "128")) if tiers else "-",
                  _cell(r.get("step_s")), _cell(r.get("train_tokens_per_sec"), "{:.0f}"),
                  _cell(r.get("decode_tokens_per_sec"), "{:.1f}")]
@@ -347,6 +350,9 @@ def markdown(result: dict) -> str:
                 if result["train_steps"] else f"; step time from a {PROBE_STEPS}-step "
                 "training probe (median after the first step)") + ".", ""]
     text += lines
+    text += ["", "Planned peak: a training step of this config, per the planner, on this "
+             "machine and on a Mac (bfloat16); measured peak: the training "
+             + ("pilot's" if result["train_steps"] else "probe's") + " largest."]
     if main:
         text += ["", f"Ranked by {main['label']} (each candidate's best side) per GB of its "
                  "planned training peak on this machine"

@@ -39,6 +39,11 @@ METHODS = {
     "qlora-r16": ("QLoRA r16", ["adapter.rank=16", "adapter.alpha=32"]),
     "rslora-r64": ("rsLoRA r64", [f"model.path={DENSE}", "adapter.rank=64", "adapter.alpha=16",
                                   "adapter.rslora=true"]),
+    # The dense copy quantized again on load (QLoRA's NF4): the as-shipped row trains the
+    # very function the dense copy computes, this one a 4-bit approximation of it.
+    "qlora-nf4-r16": ("QLoRA r16, NF4 of the dense copy",
+                      [f"model.path={DENSE}", "model.quantize.format=nf4", "adapter.rank=16",
+                       "adapter.alpha=32"]),
 }
 
 

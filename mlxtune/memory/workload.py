@@ -1,0 +1,277 @@
+"""What one rank computes in one micro-batch of a configuration: the `Workload` the
+estimate (mlxtune.memory.estimate) counts, built from a Config and a model shape before
+anything loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlxtune.errors import ConfigError
+from mlxtune.memory import weights as weights_mod
+from mlxtune.memory.calibration import COEFFICIENTS
+from mlxtune.memory.shapes import ModelShape
+
+PAD_MULTIPLE = 32  # mlxtune.train.loop.PAD_MULTIPLE: rows are padded to a multiple of this
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Model families whose output head mlxtune can chunk (mlxtune.forward.HEAD_FAMILIES).
+HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                 "phi3", "granite", "smollm3", "olmo2", "starcoder2"}
+
+
+@dataclass(frozen=True)
+class Workload:
+    shape: ModelShape
+    weights: tuple
+    backend: str                 # "metal" | "cuda" | "cpu"
+    dtype: str                   # compute dtype
+    rows: int                    # rows of one micro-batch on one rank
+    width: int                   # padded row width in tokens (the model sees width - 1)
+    rank: int
+    lora_modules: tuple          # (module path, in, out) adapted in each adapted block
+    adapted_layers: int
+    grad_checkpoint: bool = False
+    loss_chunk: int = 2048
+    objective: str = "sft"
+    packed: bool = False
+    optimizer_states: int = 2
+    grad_accumulation: int = 1
+    attention: str = "materialised"
+    # adapter.type: lora | dora | full (every weight of the adapted blocks trains)
+    adapter_type: str = "lora"
+    # dpo from model.adapter: a frozen copy of it is the reference policy.
+    reference_adapter: bool = False
+    notes: tuple = field(default=(), compare=False)
+
+    @property
+    def compute_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def positions(self) -> int:
+        return self.width - 1
+
+    @property
+    def tokens(self) -> int:
+        """Positions the model computes in one micro-batch (N)."""
+        return self.rows * self.positions
+
+    @property
+    def reference_pass(self) -> bool:
+        return self.objective == "dpo"
+
+    @property
+    def chunked(self) -> bool:
+        return (self.loss_chunk > 0 and self.tokens > self.loss_chunk
+                and self.shape.model_type in HEAD_FAMILIES)
+
+    @property
+    def full_finetune(self) -> bool:
+        return self.adapter_type == "full"
+
+    @property
+    def dora(self) -> bool:
+        return self.adapter_type == "dora"
+
+    @property
+    def first_adapted(self) -> int:
+        return self.shape.num_layers - self.adapted_layers
+
+    @property
+    def lora_parameters(self) -> int:
+        """Trainable adapter parameters: A and B, and DoRA's magnitudes."""
+        if self.full_finetune:
+            return 0
+        per_block = sum((i + o) * self.rank + (o if self.dora else 0)
+                        for _, i, o in self.lora_modules)
+        return self.adapted_layers * per_block
+
+    @property
+    def adapter_frozen_parameters(self) -> int:
+        """DoRA's base row norms, kept beside each adapted layer (float32)."""
+        if not self.dora:
+            return 0
+        return self.adapted_layers * sum(o for _, _, o in self.lora_modules)
+
+    def trained_weights(self) -> list:
+        """Full fine-tuning: the base's weights in the adapted blocks."""
+        if not self.full_finetune:
+            return []
+        return [w for w in self.weights if _in_blocks(w.name, self.first_adapted)]
+
+    @property
+    def trainable_parameters(self) -> int:
+        if self.full_finetune:
+            return sum(w.rows * w.cols for w in self.trained_weights())
+        return self.lora_parameters
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether attention runs a block of queries at a time (mlxtune.attention, on the
+        CPU backend, for models using mlx_lm's shared attention function)."""
+        return self.backend == "cpu" and self.attention == "materialised" and \
+            _blockwise_block(self.shape.model_type, self.positions) > 0
+
+    @property
+    def score_columns(self) -> float:
+        """Attention scores per query position and head that are computed and kept."""
+        if self.attention == "fused":
+            return 0.0
+        L = self.positions
+        block = _blockwise_block(self.shape.model_type, L) if self.backend == "cpu" else 0
+        if not block:
+            return float(L)
+        total = sum((min(s + block, L) - s) * min(s + block, L) for s in range(0, L, block))
+        return total / L
+
+    def activation_bytes(self, coefficients: dict | None = None) -> float:
+        """Bytes per activation element. On the CPU backend a 16-bit dtype has no BLAS
+        path: MLX converts to float32 around each matmul, which the fitted
+        "cpu_half_bytes" accounts for."""
+        if self.backend == "cpu" and self.compute_bytes == 2:
+            return (coefficients or COEFFICIENTS)["cpu_half_bytes"]
+        return float(self.compute_bytes)
+
+
+def _blockwise_block(model_type: str, positions: int) -> int:
+    """mlxtune.attention's query block when it covers this model and length, else 0."""
+    try:
+        from mlxtune import attention
+    except ImportError:
+        return 0
+    import importlib
+
+    try:
+        module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError:
+        return 0
+    if not hasattr(module, "scaled_dot_product_attention"):
+        return 0
+    return attention.BLOCK if positions > attention.BLOCK else 0
+
+
+def resolve_targets(shape: ModelShape, targets: list[str]) -> list[tuple[str, int, int]]:
+    """adapter.targets against the block's linear layers, as mlxtune.adapters does: a full
+    module path or its last part; empty means every linear layer of the block."""
+    linears = shape.block_linears()
+    if not targets:
+        return linears
+    out = []
+    for t in targets:
+        matched = [m for m in linears if m[0] == t or m[0].split(".")[-1] == t]
+        if not matched:
+            names = ", ".join(m[0] for m in linears)
+            raise ConfigError(f"adapter.targets: '{t}' is not a linear layer of this model's "
+                              f"blocks (available: {names})")
+        out += [m for m in matched if m not in out]
+    return out
+
+
+def block_index(name: str) -> int | None:
+    """The transformer block a weight belongs to, from its mlx_lm path or GGUF name."""
+    import re
+
+    m = re.search(r"(?:^|\.)(?:layers|blk)\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _in_blocks(name: str, first: int) -> bool:
+    index = block_index(name)
+    return index is not None and index >= first
+
+
+def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
+             attention: str = "materialised", full_finetune: bool = False) -> Workload:
+    """What one rank computes in one micro-batch of `cfg` (an mlxtune Config).
+    `full_finetune` plans adapter.type full whatever the config says."""
+    if ranks < 1:
+        raise ConfigError(f"ranks: must be >= 1, got {ranks}")
+    batch = cfg.train.batch_size
+    if batch % ranks:
+        raise ConfigError(f"{cfg.source or '<config>'}: train.batch_size: {batch} is not "
+                          f"divisible by {ranks} ranks (each rank takes an equal share of "
+                          "every global batch)")
+    if attention not in ("materialised", "fused"):
+        raise ValueError(f"attention must be 'materialised' or 'fused', not {attention!r}")
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        dtype = "float32" if backend == "cpu" else "bfloat16"
+    from mlxtune import objectives
+
+    preference = cfg.objective.type in objectives.PREFERENCE
+    width = -(-cfg.data.max_seq_len // PAD_MULTIPLE) * PAD_MULTIPLE
+    t = cfg.train
+    n = shape.num_layers
+    rank, targets, layers = cfg.adapter.rank, list(cfg.adapter.targets), cfg.adapter.layers
+    kind = "full" if full_finetune else cfg.adapter.type
+    start = _starting_adapter(cfg.model.adapter)
+    if start is not None:  # training continues that adapter: its type, rank, layers, targets
+        rank, targets, layers, kind = start
+    adapted = n if layers == -1 else min(layers, n)
+    states = 2 if t.optimizer in ("adam", "adamw") else (1 if t.momentum > 0 else 0)
+    notes = []
+    rows = (batch // ranks) * (2 if preference else 1)
+    micro = micro_rows(rows, width, t.max_batch_tokens, preference)
+    if micro < rows:
+        notes.append(f"train.max_batch_tokens={t.max_batch_tokens}: micro-batches of {micro} "
+                     f"of the {rows} rows, gradients summed")
+    # Rows of several examples carry a block-diagonal mask: packed rows, and random batches
+    # laid out several examples to a row (data.batcher); length-grouped rows do not.
+    segmented = not preference and (cfg.data.packing is True or not cfg.data.group_by_length)
+    if cfg.data.packing == "auto" and not preference and cfg.data.group_by_length:
+        notes.append("data.packing is auto: decided from the data at run time; planned "
+                     "without the packing mask (rows are full either way)")
+    weights = tuple(weights_mod.base_weights(shape, cfg.model, DTYPE_BYTES[dtype]))
+    if kind == "full":
+        first = n - adapted
+        quantized = [w for w in weights if w.quantized and _in_blocks(w.name, first)]
+        if quantized:
+            raise ConfigError(f"{cfg.source or '<config>'}: adapter.type: full trains every "
+                              f"weight and needs a dense base; {cfg.model.path} has quantized "
+                              f"weights ({quantized[0].name}: {quantized[0].format.label()})")
+        if dtype != "float32":
+            notes.append(f"full fine-tuning: float32 master weights, gradients and optimizer "
+                         f"state; each block computes with a {dtype} copy of its weights")
+    return Workload(
+        shape=shape,
+        weights=weights,
+        backend=backend, dtype=dtype, rows=micro, width=width, rank=rank,
+        lora_modules=() if kind == "full" else tuple(resolve_targets(shape, targets)),
+        adapter_type=kind,
+        reference_adapter=start is not None and cfg.objective.type == "dpo" and kind != "full",
+        adapted_layers=adapted, grad_checkpoint=t.grad_checkpoint, loss_chunk=t.loss_chunk,
+        objective=cfg.objective.type, packed=segmented,
+        optimizer_states=states, attention=attention,
+        # Gradients are summed over micro-batches (accumulation, max_batch_tokens splits)
+        # and over ranks: a second copy of them is alive.
+        grad_accumulation=t.grad_accumulation * (-(-rows // micro)) * ranks,
+        notes=tuple(notes))
+
+
+def _starting_adapter(path) -> tuple | None:
+    """(rank, targets, layers, type) of model.adapter's adapter_config.json (mlx-lm's
+    layout), or None when no adapter is given or it cannot be read (the run will say why)."""
+    if not path:
+        return None
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        kind = config.get("fine_tune_type", "lora")
+        if kind == "full":
+            return 0, [], int(config["num_layers"]), "full"
+        lp = config["lora_parameters"]
+        return int(lp["rank"]), list(lp.get("keys") or []), int(config["num_layers"]), kind
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def micro_rows(rows: int, width: int, max_tokens: int | None, pairs: bool) -> int:
+    """Rows of one micro-batch under train.max_batch_tokens (mlxtune.train.loop.split_rows:
+    whole rows, at least one; a pair's two rows stay together)."""
+    if not max_tokens or rows * width <= max_tokens:
+        return rows
+    step = max(1, max_tokens // width)
+    if pairs:
+        return min(rows, 2 * max(1, step // 2))
+    return min(rows, step)

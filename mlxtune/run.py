@@ -149,7 +149,8 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
 
     # Until every input has been checked, messages are held back: bad input gets one line.
     progress.hold()
-    splits, fmt = data.load_splits(cfg.data, cfg.train.seed)
+    grpo = cfg.objective.type == "grpo"  # reads prompts: answers are optional references
+    splits, fmt = data.load_splits(cfg.data, cfg.train.seed, prompts=grpo)
     _check_objective_data(cfg, fmt, splits["train"][0].source.rpartition(":")[0])
     progress.message(f"data: {len(splits['train'])} train, {len(splits['valid'])} valid, "
                      f"{len(splits['test'])} test examples ({fmt})")
@@ -167,13 +168,18 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         from mlxtune.evaluate import check as check_eval
 
         check_eval(cfg)  # a bad schema file or metric fails now, not after training
-    grpo = cfg.objective.type == "grpo"
     if grpo:  # reward files and functions load now, before anything is written
         from mlxtune.objectives import rewards as grpo_rewards
         from mlxtune.train import grpo_loop
 
-        grpo_loop.check(cfg, world.size)
         rewards = grpo_rewards.build(cfg.objective.rewards, cfg.source)
+        grpo_loop.check(cfg, world.size, rewards, train_set.examples, valid_set.examples)
+        missing = grpo_loop.without_reference(splits[cfg.eval.split], fmt) if evaluate else 0
+        if missing:  # eval compares generations with the held-out answers
+            progress.message(f"eval: skipped after training: {missing} of the "
+                             f"{len(splits[cfg.eval.split])} {cfg.eval.split} prompts have no "
+                             "reference answer to compare with")
+            evaluate = False
     if not train_set.examples:
         raise DataError(f"{cfg.data.train or cfg.data.path}: no training example has a "
                         "loss-bearing token within data.max_seq_len")

@@ -114,12 +114,26 @@ def test_resume_inside_a_rollout_batch_equals_uninterrupted(grpo_dir, capsys):
     ({"objective": {"type": "grpo", "rewards": [{"function": "r.py:broken"}]}},
      "objective.rewards[0] (r.py:broken): raised ZeroDivisionError"),
     ({"data": {"train": "text.jsonl"}}, "has no prompts to sample from"),
-    ({"train": {"grad_accumulation": 2}}, "train.grad_accumulation: grpo trains"),
+    ({"data": {"train": "prompts.jsonl"},
+      "objective": {"type": "grpo", "rewards": [{"function": "r.py:lowercase"},
+                                                {"name": "field_match"}]}},
+     "objective.rewards[1] (field_match) compares each completion with the prompt's "
+     "reference answer, and 3 of the 4 prompts of data.train have none"),
+    ({"data": {"train": "prompts.jsonl"},
+      "objective": {"type": "grpo", "rewards": [{"name": "exact_match"}]}},
+     "prompts.jsonl:2: objective.rewards[0] (exact_match) compares"),
+    ({"data": {"train": "empty.jsonl"}}, "empty.jsonl:1: no records"),
+    ({"data": {"train": "system.jsonl"}}, "the conversation ends with a system message"),
 ])
 def test_bad_input_is_one_line(grpo_dir, capsys, change, message):
     with open(grpo_dir / "r.py", "a") as f:
         f.write("def broken(prompts, completions, **kw):\n    return [1 / 0]\n")
     write_jsonl(grpo_dir / "text.jsonl", [{"text": "hello"}] * 4)
+    write_jsonl(grpo_dir / "prompts.jsonl", [  # one with an answer, three prompts alone
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        *[{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)]])
+    (grpo_dir / "empty.jsonl").write_text("\n")
+    write_jsonl(grpo_dir / "system.jsonl", [{"messages": [{"role": "system", "content": "s"}]}])
     cfg = yaml.safe_load((grpo_dir / "config.yaml").read_text())
     for section, values in change.items():
         cfg[section].update(values)
@@ -172,3 +186,52 @@ def test_prompts_and_sampling(tiny_model_dir, tmp_path):
     n0 = len(prompts[0])
     assert np.array(tokens)[0, n0:n0 + 3].tolist() == [7, 8, 2]
     assert np.array(mask)[0].sum() == 3 and np.array(mask)[1].sum() == 0
+
+
+def test_prompt_only_records(tiny_model_dir, tmp_path):
+    """Read for prompts, a conversation that ends with a user turn, a record with a prompt
+    alone and TRL's conversational prompt are prompts without (or with) a reference;
+    read for training they stay refused with one line."""
+    from mlxtune import models
+    from mlxtune.config import ModelConfig
+    from mlxtune.data.records import read_records
+
+    tok = models.load(ModelConfig(path=str(tiny_model_dir))).tokenizer
+    user = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": user, "id": 1},
+        {"messages": [*user, {"role": "assistant", "content": "yo"}]}])
+    with pytest.raises(DataError, match="the last message must be from the assistant"):
+        read_records(chat)
+    records, fmt = read_records(chat, prompts=True)
+    a, b = rollout.encode_prompts(records, fmt, tok, 64, 8).examples
+    assert (a.prompt, a.reference, a.columns) == (user, None, {"id": 1})
+    assert (b.prompt, b.reference) == (user, "yo")
+    assert a.tokens == b.tokens == list(tok.apply_chat_template(user, add_generation_prompt=True))
+
+    plain = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "hi there"}, {"prompt": user},
+        {"prompt": user, "completion": [{"role": "assistant", "content": "yo"}]}])
+    with pytest.raises(DataError, match=r"p.jsonl:1: completions record has no \"completion\" "
+                                        r".*a prompt alone is for objective.type grpo"):
+        read_records(plain)
+    records, fmt = read_records(plain, prompts=True)
+    assert fmt == "completions"
+    x, y, z = rollout.encode_prompts(records, fmt, tok, 64, 8).examples
+    assert (x.prompt, x.reference) == ("hi there", None)
+    assert x.tokens == list(tok.apply_chat_template([{"role": "user", "content": "hi there"}],
+                                                    add_generation_prompt=True))
+    assert (y.prompt, y.reference, z.reference) == (user, None, "yo")
+    assert y.tokens == z.tokens == a.tokens
+
+    for bad, message in [({"prompt": [{"role": "user", "content": "q"},
+                                      {"role": "assistant", "content": "a"}]},
+                          "the prompt.s last message is from the assistant"),
+                         ({"prompt": "q", "completion": [{"role": "user", "content": "a"}]},
+                          r"completion\[0\]: the completion's messages must be the assistant's"),
+                         ({"prompt": 3}, "\"prompt\" must be a string or a non-empty list"),
+                         ({"messages": [{"role": "assistant", "content": "a"}]},
+                          "no prompt: this conversation has only the assistant's answer")]:
+        path = write_jsonl(tmp_path / "bad.jsonl", [bad])
+        with pytest.raises(DataError, match=message):
+            read_records(path, prompts=True)

@@ -8,6 +8,12 @@ text (``text``), plus TRL's preference pairs (``prompt`` + ``chosen`` + ``reject
 strings or message lists; see ``check_preference``). Extra keys are allowed (a ``user``
 tag for splitting, say), but a record must match exactly one shape, and a file must use
 one shape throughout.
+
+Read for prompts (``prompts=True``: GRPO samples its own answers), a record needs no
+answer: a chat conversation may end with a user (or tool) turn, a completions record may
+hold ``prompt`` alone, and ``prompt`` may be TRL's conversational form (a message list
+that does not end with the assistant; its ``completion``, if any, a string or assistant
+messages). An answer that is there is the reference for rewards.
 """
 
 from __future__ import annotations
@@ -40,13 +46,15 @@ class Record:
 TABLE_SUFFIXES = (".parquet", ".csv", ".json")
 
 
-def read_records(path, columns=None, skipped: list | None = None) -> tuple[list[Record], str]:
+def read_records(path, columns=None, skipped: list | None = None,
+                 prompts: bool = False) -> tuple[list[Record], str]:
     """Read and validate a data file; return its records and their format.
 
     JSONL is read line by line; parquet, csv and json (an array of objects) files are
     tables (mlxtune.data.hub.read_table); `columns` (a ColumnsConfig) renames keys or
     columns into record fields. With a `skipped` list, records with an empty answer are appended to
-    it (as (Record, message)) and left out instead of stopping the read."""
+    it (as (Record, message)) and left out instead of stopping the read. `prompts`: records
+    are read for their prompts, and need no answer (module docstring)."""
     path = Path(path)
     if path.suffix.lower() in TABLE_SUFFIXES:
         from mlxtune.data.hub import read_table
@@ -59,7 +67,7 @@ def read_records(path, columns=None, skipped: list | None = None) -> tuple[list[
         rows = ((rename(obj, where), where) for obj, where in _jsonl_rows(path))
     else:
         rows = _jsonl_rows(path)
-    records, fmt = validate(rows, skipped)
+    records, fmt = validate(rows, skipped, prompts)
     if fmt is None:
         raise DataError(f"{path}:1: no records (the file is empty or has only blank lines)")
     if not records:
@@ -75,8 +83,10 @@ def _jsonl_rows(path: Path):
             yield obj, where
 
 
-def validate(rows, skipped: list | None = None) -> tuple[list[Record], str | None]:
-    """(JSON object, "source:N") pairs -> validated records and their one format."""
+def validate(rows, skipped: list | None = None,
+             prompts: bool = False) -> tuple[list[Record], str | None]:
+    """(JSON object, "source:N") pairs -> validated records and their one format
+    (`prompts`: read for their prompts, answers optional)."""
     records: list[Record] = []
     fmt = first = None
     for obj, where in rows:
@@ -88,7 +98,10 @@ def validate(rows, skipped: list | None = None) -> tuple[list[Record], str | Non
             raise DataError(f"{where}: this record is {this} data but line {line} is "
                             f"{fmt} data; one file must use one format")
         try:
-            CHECKS[this](obj, where)
+            if prompts and this in PROMPT_CHECKS:
+                PROMPT_CHECKS[this](obj, where)
+            else:
+                CHECKS[this](obj, where)
         except EmptyAnswer as e:
             if skipped is None:
                 raise
@@ -185,12 +198,71 @@ def _check_message(message, where: str) -> None:
 def check_completions(obj: dict, where: str) -> None:
     for key in ("prompt", "completion"):
         if key not in obj:
+            hint = " (a prompt alone is for objective.type grpo)" if key == "completion" else ""
             raise DataError(f"{where}: completions record has no \"{key}\" (needs both "
-                            "\"prompt\" and \"completion\")")
+                            f"\"prompt\" and \"completion\"){hint}")
         if not isinstance(obj[key], str):
             raise DataError(f"{where}: \"{key}\" must be a string, got {_json_type(obj[key])}")
     if not obj["completion"].strip():
         raise EmptyAnswer(f"{where}: empty \"completion\" (nothing to learn from)")
+
+
+def check_chat_prompt(obj: dict, where: str) -> None:
+    """A conversation read for its prompt: a last assistant turn is the reference (the
+    prompt is what comes before it); one that ends with a user or tool turn is all prompt."""
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if messages == [] else _json_type(messages)
+        raise DataError(f"{where}: \"messages\" must be a non-empty list of messages, got {got}")
+    if "tools" in obj and obj["tools"] is not None and not isinstance(obj["tools"], list):
+        raise DataError(f"{where}: \"tools\" must be a list, got {_json_type(obj['tools'])}")
+    for i, message in enumerate(messages):
+        _check_message(message, f"{where}: messages[{i}]")
+    last = messages[-1]["role"]
+    if last == "system":
+        raise DataError(f"{where}: the conversation ends with a system message: a prompt "
+                        "needs a user (or tool) turn to answer")
+    if last == "assistant" and len(messages) == 1:
+        raise DataError(f"{where}: no prompt: this conversation has only the assistant's "
+                        "answer")
+
+
+def check_completions_prompt(obj: dict, where: str) -> None:
+    """A completions record read for its prompt: "prompt" a string or a message list (TRL's
+    conversational prompt), "completion" (the reference) optional."""
+    if "prompt" not in obj:
+        raise DataError(f"{where}: completions record has no \"prompt\"")
+    prompt = obj["prompt"]
+    if isinstance(prompt, list) and prompt:
+        for i, message in enumerate(prompt):
+            _check_message(message, f"{where}: prompt[{i}]")
+        if prompt[-1]["role"] in ("assistant", "system"):
+            raise DataError(f"{where}: the prompt's last message is from the "
+                            f"{prompt[-1]['role']}: "
+                            "a prompt needs a user (or tool) turn to answer")
+    elif not isinstance(prompt, str):
+        got = "an empty list" if prompt == [] else _json_type(prompt)
+        raise DataError(f"{where}: \"prompt\" must be a string or a non-empty list of "
+                        f"messages, got {got}")
+    elif not prompt.strip():
+        raise DataError(f"{where}: empty \"prompt\"")
+    if "tools" in obj and obj["tools"] is not None and not isinstance(obj["tools"], list):
+        raise DataError(f"{where}: \"tools\" must be a list, got {_json_type(obj['tools'])}")
+    completion = obj.get("completion")
+    if completion is None:
+        return
+    if isinstance(completion, list) and completion:
+        for i, message in enumerate(completion):
+            _check_message(message, f"{where}: completion[{i}]")
+            if message["role"] != "assistant":
+                raise DataError(f"{where}: completion[{i}]: the completion's messages must be "
+                                f"the assistant's, got role \"{message['role']}\"")
+    elif not isinstance(completion, str):
+        raise DataError(f"{where}: \"completion\" must be a string or a list of assistant "
+                        f"messages, got {_json_type(completion)}")
+    elif not completion.strip():
+        raise EmptyAnswer(f"{where}: empty \"completion\" (a prompt without a reference "
+                          "answer leaves \"completion\" out)")
 
 
 def check_text(obj: dict, where: str) -> None:
@@ -276,6 +348,8 @@ def split_implicit_prompt(chosen: list, rejected: list, where: str) -> tuple[lis
 
 CHECKS = {"chat": check_chat, "completions": check_completions, "text": check_text,
           "preference": check_preference}
+# Read for prompts (grpo): answers are optional references.
+PROMPT_CHECKS = {"chat": check_chat_prompt, "completions": check_completions_prompt}
 
 
 def _json_type(value) -> str:

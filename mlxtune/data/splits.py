@@ -22,27 +22,29 @@ from mlxtune.errors import DataError
 SPLITS = ("train", "valid", "test")
 
 
-def load_splits(cfg: DataConfig, seed: int,
-                skipped: list | None = None) -> tuple[dict[str, list[Record]], str]:
+def load_splits(cfg: DataConfig, seed: int, skipped: list | None = None,
+                prompts: bool = False) -> tuple[dict[str, list[Record]], str]:
     """Read and validate the data (files, or a Hugging Face dataset with data.hub);
     return {'train','valid','test': records} and the format shared by all of them.
     valid / test may be empty lists. With a `skipped` list, records with an empty answer
-    are collected there instead of stopping the read (records.read_records)."""
+    are collected there instead of stopping the read (records.read_records). `prompts`:
+    the records are read for their prompts (grpo), answers optional."""
     if cfg.hub is not None:
-        splits, fmt = _read_hub(cfg, seed, skipped)
+        splits, fmt = _read_hub(cfg, seed, skipped, prompts)
     elif cfg.path:
-        records, fmt = read_records(cfg.path, cfg.columns, skipped)
+        records, fmt = read_records(cfg.path, cfg.columns, skipped, prompts)
         splits = split_records(records, cfg.split, seed, str(cfg.path))
     else:
-        splits, fmt = _read_split_files(cfg, skipped)
+        splits, fmt = _read_split_files(cfg, skipped, prompts)
     resolve_mask_prompt(cfg.mask_prompt, fmt, splits["train"][0].source)
     return splits, fmt
 
 
-def _read_split_files(cfg: DataConfig, skipped=None) -> tuple[dict[str, list[Record]], str]:
+def _read_split_files(cfg: DataConfig, skipped=None,
+                      prompts: bool = False) -> tuple[dict[str, list[Record]], str]:
     if not cfg.train:
         raise DataError("data.train: no training data file given")
-    read = {name: read_records(getattr(cfg, name), cfg.columns, skipped)
+    read = {name: read_records(getattr(cfg, name), cfg.columns, skipped, prompts)
             for name in SPLITS if getattr(cfg, name)}
     fmt = read["train"][1]
     for name, (records, other) in read.items():
@@ -52,7 +54,8 @@ def _read_split_files(cfg: DataConfig, skipped=None) -> tuple[dict[str, list[Rec
     return {name: read[name][0] if name in read else [] for name in SPLITS}, fmt
 
 
-def _read_hub(cfg: DataConfig, seed: int, skipped=None) -> tuple[dict[str, list[Record]], str]:
+def _read_hub(cfg: DataConfig, seed: int, skipped=None,
+              prompts: bool = False) -> tuple[dict[str, list[Record]], str]:
     """data.hub's splits; a held-out split the dataset lacks is carved out of its train
     split by data.split (its fraction of whole groups, as for one file)."""
     from mlxtune.data.hub import hub_rows
@@ -64,7 +67,7 @@ def _read_hub(cfg: DataConfig, seed: int, skipped=None) -> tuple[dict[str, list[
         split_rows = getattr(rows, name)
         if split_rows is None:
             continue
-        records, other = validate(split_rows, skipped)
+        records, other = validate(split_rows, skipped, prompts)
         if other is None or not records:
             raise DataError(f"data.hub.splits.{name}: {rows.name}: the split has no records"
                             + (" with an answer" if other is not None else ""))

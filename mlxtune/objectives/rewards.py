@@ -24,6 +24,8 @@ after stripping surrounding whitespace):
   reference is not a JSON object.
 - `exact_match`: 1 when completion and reference are equal after normalising (case folded,
   runs of whitespace as one space, stripped), else 0; None without a reference.
+  These two need reference answers: a run whose prompts have none (prompt-only records) is
+  refused before it starts, with one line naming the reward.
 - `regex` (`pattern: ...`): 1 when the pattern matches somewhere in the completion
   (`re.search`; anchor it with ^...$ for the whole text), else 0.
 - `length` (`target: N`): 0 up to N completion tokens, then -(n - N) / N: a penalty that
@@ -137,6 +139,9 @@ def length(prompts, completions, *, target, completion_ids, **_):
 
 FUNCTIONS = {"json_valid": json_valid, "json_schema": json_schema, "field_match": field_match,
              "exact_match": exact_match, "regex": regex, "length": length}
+# The built-ins that compare with the data's reference answer: a run whose prompts have
+# none (prompt-only records) is refused before it starts (grpo_loop.check).
+NEEDS_REFERENCE = (field_match, exact_match)
 
 
 # ----------------------------------------------------------------------------- the list

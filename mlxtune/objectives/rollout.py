@@ -1,12 +1,13 @@
 """GRPO's rollouts: prompts from the data, completions sampled from the current policy.
 
-Prompts (`encode_prompts`): chat data gives the conversation up to its last assistant
-turn, rendered with the generation prompt, and that turn's content as the reference;
-prompt/completion data gives the prompt (through the chat template when the tokenizer has
-one, as training encodes it) and the completion as the reference. Prompt-only records
-(`{"prompt": ...}` alone) are not yet readable by mlxtune.data.records (a completions
-record needs its completion): give any completion, used only as the reference. Text data
-and preference pairs have no prompt to sample for: refused with one line.
+Prompts (`encode_prompts`, records read with `prompts=True`: mlxtune.data.records): chat
+data gives the conversation up to its last assistant turn, rendered with the generation
+prompt, and that turn's content as the reference; a conversation that ends with a user or
+tool turn is all prompt, without a reference. Prompt/completion data gives the prompt
+(through the chat template when the tokenizer has one, as training encodes it; TRL's
+conversational prompt, a message list, always through it) and the completion as the
+reference; a record with `prompt` alone has none (reference None). Text data and
+preference pairs have no prompt to sample for: refused with one line.
 
 Sampling (`sample`): every prompt repeated group_size times, the rows left-padded into
 one batch decoded with mlx_lm's `BatchKVCache` (each row's positions start at 0, its
@@ -76,14 +77,19 @@ def encode_prompts(records, fmt: str, tokenizer, max_seq_len: int,
         tools = d.get("tools") or None
         if fmt == "chat":
             messages = d["messages"]
-            prompt, reference = messages[:-1], messages[-1].get("content")
+            if messages[-1]["role"] == "assistant":
+                prompt, reference = messages[:-1], messages[-1].get("content")
+            else:  # a prompt-only conversation
+                prompt, reference = messages, None
             if not prompt:
                 raise DataError(f"{r.source}: grpo needs a prompt: this conversation has "
                                 "only the assistant's answer")
             ids = _render(enc, prompt, tools, r.source)
         else:
-            prompt, reference = d["prompt"], d.get("completion")
-            if enc.has_template:
+            prompt, reference = d["prompt"], _answer_text(d.get("completion"))
+            if isinstance(prompt, list):  # TRL's conversational prompt
+                ids = _render(enc, prompt, tools, r.source)
+            elif enc.has_template:
                 ids = _render(enc, [{"role": "user", "content": prompt}], tools, r.source)
             else:
                 ids = enc._ids(prompt, special=True)
@@ -98,7 +104,19 @@ def encode_prompts(records, fmt: str, tokenizer, max_seq_len: int,
     return out
 
 
+def _answer_text(completion) -> str | None:
+    """The reference of a completions record: its completion, or the content of its last
+    assistant message (TRL's conversational form); None for a prompt-only record."""
+    if isinstance(completion, list):
+        return completion[-1].get("content") if completion else None
+    return completion
+
+
 def _render(enc: _Encoder, messages, tools, source: str) -> list[int]:
+    if not enc.has_template:
+        raise DataError(f"{source}: a conversation needs a tokenizer with a chat template, "
+                        "and this model's tokenizer has none; use prompt/completion records "
+                        "with string prompts")
     try:
         return enc._render(messages, tools, True)
     except Exception as e:  # noqa: BLE001  (jinja refuses some conversations)

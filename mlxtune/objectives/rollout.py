@@ -9,9 +9,9 @@ conversational prompt, a message list, always through it) and the completion as 
 reference; a record with `prompt` alone has none (reference None). Text data and
 preference pairs have no prompt to sample for: refused with one line.
 
-Sampling (`sample`): every prompt repeated group_size times, the rows left-padded into
-one batch decoded with mlx_lm's `BatchKVCache` (each row's positions start at 0, its
-padding masked; as mlxtune.evaluate.generate's greedy decoding), temperature and top-p
+Sampling (`sample`): every prompt repeated group_size times, the rows decoded in one
+batch by mlxtune.decode (as evaluation's greedy decoding: each row's positions start at 0,
+its padding masked; each prompt prefilled once for its group), temperature and top-p
 sampling from one PRNG key per rollout (the same batch again on resume), finished rows
 dropped from the batch and its cache. The adapter is on: the current policy samples.
 `collate` lays out prompt + completion rows for the loss, the mask on the completion's
@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxtune import forward
+from mlxtune import decode
 from mlxtune.data.encode import _Encoder
 from mlxtune.errors import DataError
 
@@ -133,79 +133,23 @@ class Completion:
     stop: int | None = None
 
 
-def _last_logits(model: nn.Module, tokens: mx.array, cache) -> mx.array:
-    if forward.splits_head(model):
-        h = model.model(tokens, cache)
-        return forward.apply_head(model, h[:, -1, :])
-    return model(tokens, cache=cache)[:, -1, :]
-
-
-def next_tokens(logits: mx.array, temperature: float, top_p: float, key) -> mx.array:
-    """One token per row: greedy at temperature 0, else sampled from softmax(logits / T)
-    restricted to the smallest set of tokens whose probability reaches top_p."""
-    logits = logits.astype(mx.float32)
-    if temperature == 0:
-        return mx.argmax(logits, axis=-1)
-    logits = logits / temperature
-    if top_p < 1.0:
-        order = mx.argsort(-logits, axis=-1)
-        sorted_logits = mx.take_along_axis(logits, order, axis=-1)
-        probs = mx.softmax(sorted_logits, axis=-1)
-        before = mx.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
-        sorted_logits = mx.where(before < top_p, sorted_logits, -mx.inf)
-        choice = mx.random.categorical(sorted_logits, key=key)
-        return mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    return mx.random.categorical(logits, key=key)
+# The one batched decoder (mlxtune.decode) computes the rollouts: eval's greedy answers
+# and these samples take the same path.
+_last_logits = decode.last_logits
+next_tokens = decode.pick
 
 
 def sample(model: nn.Module, prompts: list[list[int]], group_size: int, stop_ids: set[int],
            max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
            seed: int = 0) -> list[Completion]:
     """group_size completions of every prompt, prompt-major (prompt i's are rows
-    i * group_size ... i * group_size + group_size - 1), decoded in one batch."""
-    from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
-
+    i * group_size ... i * group_size + group_size - 1), decoded in one batch (each
+    prompt prefilled once for its group, the prompts' common opening once for all)."""
     rows = [p for p in prompts for _ in range(group_size)]
-    key = mx.random.key(seed)
-    if not all(type(c) is KVCache for c in make_prompt_cache(model)):
-        out = []
-        for i, r in enumerate(rows):  # sliding windows, state-space layers: one at a time
-            out += _decode(model, mx.array([r], mx.int32), make_prompt_cache(model), stop_ids,
-                           max_new_tokens, temperature, top_p, mx.random.split(key, len(rows))[i])
-        return out
-    width = max(len(r) for r in rows)
-    pads = [width - len(r) for r in rows]
-    tokens = mx.array([[0] * p + r for p, r in zip(pads, rows)], dtype=mx.int32)
-    cache = [BatchKVCache(pads) for _ in range(len(model.layers))]
-    return _decode(model, tokens, cache, stop_ids, max_new_tokens, temperature, top_p, key)
-
-
-def _decode(model, tokens, cache, stop_ids, max_new_tokens, temperature, top_p, key):
-    gens = [Completion([], False) for _ in range(tokens.shape[0])]
-    live = list(range(len(gens)))  # the batch's rows -> their completion
-    keys = mx.random.split(key, max_new_tokens)
-    y = next_tokens(_last_logits(model, tokens, cache), temperature, top_p, keys[0])
-    mx.eval(y)
-    for step in range(max_new_tokens):
-        keep = []
-        for pos, token in enumerate(y.tolist()):
-            g = gens[live[pos]]
-            if token in stop_ids:
-                g.stopped, g.stop = True, token
-            else:
-                g.tokens.append(token)
-                keep.append(pos)
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(live):
-            index = mx.array(keep)
-            for c in cache:
-                c.filter(index)
-            live, y = [live[p] for p in keep], y[index]
-        y = next_tokens(_last_logits(model, y[:, None], cache), temperature, top_p,
-                        keys[step + 1])
-        mx.eval(y)
-    return gens
+    key = mx.random.key(seed) if temperature > 0 else None
+    out, _ = decode.generate(model, rows, stop_ids, max_new_tokens, None, temperature,
+                             top_p, key)
+    return [Completion(r.tokens, r.stopped, r.stop) for r in out]
 
 
 # ----------------------------------------------------------------------------- the batch

@@ -38,7 +38,7 @@ mlx_lm's model classes rather than by re-implementing an architecture:
   final scaling (`_native_head_weight`) runs as one primitive instead (the extension's
   `cross_entropy`): the same scheme in C++, through one scratch buffer, at the positions
   the caller marks `active` (those that bear loss) only; the others get loss 0 and cost
-  nothing.
+  nothing. A quantized head on the CPU path is dequantized to float32 once for it.
 """
 
 from __future__ import annotations
@@ -213,11 +213,35 @@ def _native_head_weight(model: nn.Module, h: mx.array) -> mx.array | None:
             or model.model_type == "granite"):
         return None
     head = _head_module(model)
-    if type(head) not in (nn.Linear, nn.Embedding) or "bias" in head:
+    if "bias" in head or native.load() is None:
         return None
-    if head.weight.dtype != mx.float32 or native.load() is None:
+    if type(head) in (nn.Linear, nn.Embedding):
+        return head.weight if head.weight.dtype == mx.float32 else None
+    return _dequantized_head(head, h)
+
+
+def _dequantized_head(head: nn.Module, h: mx.array) -> mx.array | None:
+    """A quantized head on the CPU path (mlxtune.quant's dequantize-then-BLAS layers),
+    dequantized to float32 once for the whole loss, as the CPU path's matmul dequantizes
+    it (scales as stored); else None. The chunked loss would dequantize the whole [V, D]
+    head again for every chunk of FAST_CHUNK positions, forward and backward: 32 copies
+    of a 151,936 x 1,536 head for 1,024 positions, several alive at once (measured on
+    Qwen2.5-1.5B's shape: docs/memory.md). Frozen: no gradient flows into it. Made once
+    the hidden states `h` exist, or a compiled step computes it early and holds it."""
+    from mlxtune import quant
+
+    if isinstance(head, (quant.DequantizedLinear, quant.DequantizedEmbedding)):
+        keys = [k for k in ("weight", "scales", "biases") if k in head]
+        a = dict(zip(keys, mx.depends([head[k] for k in keys], [h])))
+        w = mx.dequantize(a["weight"], a["scales"], a.get("biases"), group_size=head.group_size,
+                          bits=head.bits, mode=head.mode, dtype=mx.float32)
+    elif isinstance(head, (quant.QuantLinear, quant.QuantEmbedding)):
+        keys = quant.layouts.KEYS[head.format]
+        a = dict(zip(keys, mx.depends([head[k] for k in keys], [h])))
+        w = quant.layouts.dequantize(head.format, a, mx.float32)
+    else:
         return None
-    return head.weight
+    return mx.stop_gradient(w)
 
 
 def _float_head(model: nn.Module):

@@ -267,3 +267,47 @@ def test_the_native_loss_never_holds_the_full_logits(native_kernels, monkeypatch
             x, head.lm_head.weight, targets, every, with_grad), h)
         # its scratch (256 rows of logits here, 8 MB) is counted: MLX's allocator
         assert 256 * 8192 * 4 <= peak < full / 4, (with_grad, peak, full)
+
+
+@pytest.mark.parametrize("fmt", ["affine", "nf4"])
+def test_a_quantized_head_takes_the_native_loss_dequantized_once(native_kernels, monkeypatch,
+                                                                  fmt):
+    """A quantized tied head on the CPU path goes to the native loss with one float32
+    copy (the chunked loss dequantizes the head for every chunk, forward and backward):
+    loss and LoRA gradients equal the chunked path's, which dequantizes it as the CPU
+    path's matmul does."""
+    from mlxtune import quant
+
+    monkeypatch.setenv("MLXTUNE_FASTMATH", "1")
+    monkeypatch.delenv("MLXTUNE_NATIVE", raising=False)
+    model = build_model(model_args("llama", hidden_size=64, intermediate_size=128))
+    if fmt == "affine":
+        nn.quantize(model, group_size=32, bits=4)
+        quant.use_cpu_path(model)
+    else:
+        quant.quantize_nf4(model, embeddings=True)
+    head = forward._head_module(model)
+    assert not isinstance(head, nn.Embedding)
+    apply_lora(model, AdapterConfig(rank=4, alpha=8.0))
+    tokens = mx.array([[3, 4, 5, 6, 7, 8, 9, 10, 11]] * 2)
+    targets = mx.array([[4, 5, 6, 7, 8, 9, 10, 11, 12]] * 2)
+
+    def loss(m):
+        return forward.chunked_token_losses(m, tokens, targets, chunk=4).sum()
+
+    calls = []
+    original = native_kernels.cross_entropy
+    monkeypatch.setattr(native_kernels, "cross_entropy",
+                        lambda *a: calls.append(a[1].shape) or original(*a))
+    got, got_grads = nn.value_and_grad(model, forward.for_gradient(loss))(model)
+    assert calls == [(head.weight.shape[0], 64)]  # [V, D] float32, once
+    monkeypatch.setattr(forward, "_native_head_weight", lambda *a: None)
+    want, want_grads = nn.value_and_grad(model, forward.for_gradient(loss))(model)
+    # Both sum the same float32 products in a different order (BLAS on chunks of 64 vs
+    # the kernel's chunks): a few float32 ulps of the loss's size per position.
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(got.item(), want.item(), rtol=64 * eps * tokens.size)
+    for (k, g), (_, w) in zip(tree_flatten(got_grads), tree_flatten(want_grads)):
+        g, w = np.array(g), np.array(w)
+        scale = float(np.abs(w).max()) or 1.0
+        assert np.abs(g - w).max() <= 1e-4 * scale, k

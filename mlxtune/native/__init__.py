@@ -298,6 +298,20 @@ def load(build_if_missing: bool = True):
     return _module
 
 
+def expected() -> bool:
+    """Whether a run here would compute with the extension, decided without building or
+    loading it (the memory planner's question): not disabled, buildable here, and built
+    or not yet tried under this key (a failed build is remembered and not retried)."""
+    if disabled():
+        return False
+    if _settled:
+        return _module is not None
+    if _unavailable():
+        return False
+    path = module_path()
+    return path.exists() or not (path.parent / "build.log").exists()
+
+
 def reset() -> None:
     """Forget this process's outcome, so that the next load() looks again (tests)."""
     global _module, _settled

@@ -710,6 +710,63 @@ def test_train_view_shows_preference_metrics(tmp_path):
     run_app(app, body)
 
 
+def fake_grpo_run(run_dir: Path, iters: int = 60) -> Path:
+    """A GRPO run's events: the rollouts' reward rising, greedy val rewards (val loss is
+    minus the reward), fixed numbers."""
+    run_dir.mkdir(parents=True)
+    cfg = {"name": "quickstart-grpo", "model": {"path": "smollm2-135m-instruct"},
+           "objective": {"type": "grpo"}, "train": {"iters": iters}}
+    events = [{"event": "start", "time": T0, "config": cfg, "trainable_params": 2442240,
+               "total_params": 136957248, "backend": "cpu", "planned_peak_gb": 3.1}]
+    for step in range(0, iters + 1):
+        t = T0 + 5 + 9 * step
+        if step:
+            reward = 1.2 + 0.6 * (1 - math.exp(-step / 15)) + 0.08 * math.sin(1.7 * step)
+            events.append({"event": "train", "time": t, "step": step,
+                           "loss": 0.02 * math.sin(step) - 0.004, "lr": 1e-5,
+                           "tokens": 900 * step, "tokens_per_sec": 120.0,
+                           "peak_memory_gb": 2.9, "reward": reward, "reward_std": 0.3})
+        if step % 20 == 0:
+            val = 1.25 + 0.55 * (1 - math.exp(-step / 18))
+            events.append({"event": "val", "time": t + 1, "step": step, "loss": -val,
+                           "reward": val, "rewards/json_schema/mean": 0.9,
+                           "completions/mean_length": 40.0})
+    events.append({"event": "checkpoint", "time": T0 + 9 * iters + 7, "step": iters,
+                   "path": str(run_dir / "checkpoints" / f"step-{iters}")})
+    events.append({"event": "stop", "time": T0 + 9 * iters + 8, "step": iters,
+                   "reason": "done", "message": ""})
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run_dir
+
+
+def test_train_view_plots_the_reward_beside_the_loss_for_grpo(tmp_path, monkeypatch):
+    """GRPO: a reward chart beside the loss (train reward, val markers), val points off
+    the loss chart (its val loss is minus the reward), the reward in the side panel. An
+    SFT run keeps the loss chart alone (test_snapshot_train_view's unchanged snapshot)."""
+    from mlxtune.tui.curve import Curve
+
+    monkeypatch.chdir(tmp_path)
+    fake_grpo_run(Path("runs/quickstart-grpo"))
+    app = make_app(Path("runs/quickstart-grpo"), Path("runs"))
+
+    async def body(pilot):
+        await wait_for(pilot, lambda: app.screen.history.status == "done", what="events")
+        await pilot.pause(0.3)
+        loss, reward = (app.screen.query_one(f"#{n}", Curve) for n in ("loss", "reward"))
+        assert reward.display and reward.size.width > 20 and loss.size.width > 20
+        assert [s.label for s in loss.series] == ["train"]
+        assert [s.label for s in reward.series] == ["reward", "val (greedy)"]
+        assert len(reward.series[0].points) == 60 and len(reward.series[1].points) == 4
+        assert reward.series[1].points[0] == (0, 1.25)
+        text = screen_text(app)
+        assert "reward · smoothing" in text and "val rew. 1.7" in text, text
+        assert "best val 1.7" in text
+        check_snapshot(app, "train_view_grpo")
+
+    run_app(app, body, size=(100, 24))
+
+
 def test_snapshot_train_view(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths on screen
     runs = fake_runs(tmp_path)
@@ -720,6 +777,7 @@ def test_snapshot_train_view(tmp_path, monkeypatch):
         await pilot.pause(0.3)
         text = screen_text(app)
         assert "step 80/80" in text and "best val 0.1145" in text and "2.60 GB" in text, text
+        assert not app.screen.query_one("#reward").display  # sft: the loss alone
         check_snapshot(app, "train_view")
 
     assert runs.is_dir()

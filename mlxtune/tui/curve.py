@@ -1,4 +1,4 @@
-"""A line chart drawn with Braille dots (2 x 4 dots a cell), for loss curves.
+"""A line chart drawn with Braille dots (2 x 4 dots a cell), for loss and reward curves.
 
 `plot` is plain Python (lists of styled cells), so it can be tested without a terminal;
 `Curve` is the Textual widget around it. The widget draws only when asked (`refresh`):
@@ -20,6 +20,7 @@ _DOTS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
 MARKER = "●"
 TRAIN_COLOR, VAL_COLOR = "#4fc3f7", "#ffd54f"
 OTHER_TRAIN_COLOR, OTHER_VAL_COLOR = "#f06292", "#aed581"
+REWARD_COLOR = "#81c784"  # grpo: the reward beside the loss
 
 
 @dataclass

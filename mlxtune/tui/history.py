@@ -80,6 +80,7 @@ class RunHistory:
     run_dir: Path | None = None
     train: list[dict] = field(default_factory=list)   # step, loss, lr, tokens_per_sec, ...
     val: list[tuple[int, float]] = field(default_factory=list)
+    val_reward: list[tuple[int, float]] = field(default_factory=list)  # grpo: val `reward`
     checkpoints: list[tuple[int, str]] = field(default_factory=list)
     starts: list[dict] = field(default_factory=list)
     stop: dict | None = None                          # the stop of the latest session
@@ -104,6 +105,7 @@ class RunHistory:
             if step is not None:
                 self.train = [p for p in self.train if p["step"] <= step]
                 self.val = [p for p in self.val if p[0] <= step]
+                self.val_reward = [p for p in self.val_reward if p[0] <= step]
         elif kind == "train":
             loss = _number(e.get("loss"))
             if loss is not None and isinstance(e.get("step"), int):
@@ -114,11 +116,16 @@ class RunHistory:
                                    "tokens": e.get("tokens"),
                                    # preference objectives (TRL's names)
                                    "reward_accuracy": _number(e.get("rewards/accuracies")),
-                                   "reward_margin": _number(e.get("rewards/margins"))})
+                                   "reward_margin": _number(e.get("rewards/margins")),
+                                   # grpo: the rollout batch's mean reward
+                                   "reward": _number(e.get("reward"))})
         elif kind == "val":
             loss = _number(e.get("loss"))
             if loss is not None and isinstance(e.get("step"), int):
                 self.val.append((e["step"], loss))
+                reward = _number(e.get("reward"))
+                if reward is not None:
+                    self.val_reward.append((e["step"], reward))
         elif kind == "checkpoint":
             self.checkpoints.append((e.get("step"), e.get("path")))
         elif kind == "stop":
@@ -158,6 +165,13 @@ class RunHistory:
     def total_steps(self) -> int | None:
         iters = (self.config.get("train") or {}).get("iters")
         return iters if isinstance(iters, int) else None
+
+    @property
+    def grpo(self) -> bool:
+        """A GRPO run: its train events carry the reward (its val loss is minus the
+        reward, docs/design.md)."""
+        return (self.config.get("objective") or {}).get("type") == "grpo" or any(
+            p["reward"] is not None for p in self.train)
 
     @property
     def best_val(self) -> float | None:

@@ -1,5 +1,9 @@
 """The train view: one run's live curves; start, stop (checkpoint saved) and resume.
 
+A GRPO run gets a second chart beside the loss: the reward (the rollout batches' mean, and
+the greedy validation reward as markers); its validation points leave the loss chart, as
+its val loss is minus the reward. Other runs show the loss alone.
+
 A watcher thread tails RUN_DIR/events.jsonl and polls the child process; it posts what it
 finds as messages. The curves are redrawn from a timer, at most every `redraw_s`
 seconds, however fast events arrive.
@@ -20,7 +24,8 @@ from textual.widgets import Footer, Sparkline, Static
 from textual.worker import get_current_worker
 
 from mlxtune.tui.common import MessageLine, NavBar, status_text
-from mlxtune.tui.curve import TRAIN_COLOR, VAL_COLOR, Curve, Series, legend
+from mlxtune.tui.curve import (REWARD_COLOR, TRAIN_COLOR, VAL_COLOR, Curve, Series,
+                                legend)
 from mlxtune.tui.history import EventsTail, RunHistory, format_duration
 from mlxtune.tui.process import ChildProcess, start_training
 
@@ -84,6 +89,7 @@ class TrainScreen(Screen):
     TrainScreen #run-line, TrainScreen #progress { height: 1; padding: 0 1; }
     TrainScreen #body { height: 1fr; }
     TrainScreen #loss { width: 1fr; border: round $primary; }
+    TrainScreen #reward { width: 1fr; border: round $primary; display: none; }
     TrainScreen #side { width: 28; padding: 0 1; border: round $primary-darken-2; }
     TrainScreen #side Static { height: auto; }
     TrainScreen #side Sparkline { height: 1; margin-bottom: 1; }
@@ -123,6 +129,7 @@ class TrainScreen(Screen):
         with Horizontal(id="body"):
             yield Curve(id="loss", empty="no training events yet: s starts the config, "
                                          "or open a run (3)")
+            yield Curve(id="reward", empty="no rollouts yet")
             with Vertical(id="side"):
                 yield Static(id="stats")
                 yield Static(id="lr-label")
@@ -205,6 +212,8 @@ class TrainScreen(Screen):
         h, code = self.history, message.code
         if code == 0:
             best = f", best val loss {h.best_val:.4f}" if h.best_val is not None else ""
+            if h.grpo and h.val_reward:
+                best = f", best val reward {max(r for _, r in h.val_reward):.4f}"
             self.say(f"{h.status.replace('_', ' ')} at step {h.step}{best}", "ok")
         elif code == 130:
             ck = h.last_checkpoint
@@ -375,8 +384,10 @@ class TrainScreen(Screen):
         self._dirty = False
         h = self.history
         curve = self.query_one("#loss", Curve)
-        series = [Series("train", [(p["step"], p["loss"]) for p in h.train], TRAIN_COLOR),
-                  Series("val", list(h.val), VAL_COLOR, smoothable=False, markers=True)]
+        series = [Series("train", [(p["step"], p["loss"]) for p in h.train], TRAIN_COLOR)]
+        if not h.grpo:  # grpo's val loss is minus its reward: on the reward chart
+            series.append(Series("val", list(h.val), VAL_COLOR, smoothable=False,
+                                 markers=True))
         curve.series = series
         curve.log_y, curve.smoothing = self.log_y, SMOOTHING[self.smoothing_index]
         curve.x_max = h.total_steps
@@ -384,17 +395,45 @@ class TrainScreen(Screen):
                               f"{'log' if self.log_y else 'linear'}")
         curve.border_subtitle = legend(series).markup
         curve.refresh()
+        self._draw_reward()
         self._draw_header()
         self._draw_side()
+
+    def _draw_reward(self) -> None:
+        """GRPO: the reward beside the loss (linear: rewards may be 0 or negative)."""
+        h = self.history
+        curve = self.query_one("#reward", Curve)
+        curve.display = h.grpo
+        if not h.grpo:
+            return
+        series = [Series("reward", [(p["step"], p["reward"]) for p in h.train
+                                    if p["reward"] is not None], REWARD_COLOR),
+                  Series("val (greedy)", list(h.val_reward), VAL_COLOR, smoothable=False,
+                         markers=True)]
+        curve.series = series
+        curve.smoothing = SMOOTHING[self.smoothing_index]
+        curve.x_max = h.total_steps
+        curve.border_title = f"reward · smoothing {curve.smoothing:g}"
+        curve.border_subtitle = legend(series).markup
+        curve.refresh()
 
     def _draw_side(self) -> None:
         h = self.history
         last = h.train[-1] if h.train else None
         stats = Text(no_wrap=True, overflow="ellipsis")
         stats.append("loss     ", "dim").append(f"{last['loss']:.4f}" if last else "-")
-        stats.append("\nval      ", "dim").append(f"{h.val[-1][1]:.4f}" if h.val else "-")
-        stats.append("\nbest val ", "dim").append(
-            f"{h.best_val:.4f}" if h.best_val is not None else "-")
+        if h.grpo:  # the reward, and validation's (greedy) reward
+            rewards = h.val_reward
+            stats.append("\nreward   ", "dim").append(
+                f"{last['reward']:.4f}" if last and last["reward"] is not None else "-")
+            stats.append("\nval rew. ", "dim").append(f"{rewards[-1][1]:.4f}" if rewards
+                                                      else "-")
+            stats.append("\nbest val ", "dim").append(
+                f"{max(r for _, r in rewards):.4f}" if rewards else "-")
+        else:
+            stats.append("\nval      ", "dim").append(f"{h.val[-1][1]:.4f}" if h.val else "-")
+            stats.append("\nbest val ", "dim").append(
+                f"{h.best_val:.4f}" if h.best_val is not None else "-")
         if last and last["reward_accuracy"] is not None:  # dpo / orpo / simpo
             stats.append("\nrew. acc ", "dim").append(f"{100 * last['reward_accuracy']:.1f}%")
             if last["reward_margin"] is not None:

@@ -201,7 +201,9 @@ def test_prompt_only_records(tiny_model_dir, tmp_path):
     chat = write_jsonl(tmp_path / "chat.jsonl", [
         {"messages": user, "id": 1},
         {"messages": [*user, {"role": "assistant", "content": "yo"}]}])
-    with pytest.raises(DataError, match="the last message must be from the assistant"):
+    with pytest.raises(DataError, match=r"the last message must be from the assistant .*\(a "
+                                        r"conversation without its answer is a prompt for "
+                                        r"objective.type grpo\)"):
         read_records(chat)
     records, fmt = read_records(chat, prompts=True)
     a, b = rollout.encode_prompts(records, fmt, tok, 64, 8).examples
@@ -235,3 +237,171 @@ def test_prompt_only_records(tiny_model_dir, tmp_path):
         path = write_jsonl(tmp_path / "bad.jsonl", [bad])
         with pytest.raises(DataError, match=message):
             read_records(path, prompts=True)
+
+
+def test_validation_reward_events(grpo_dir, capsys):
+    """train.eval_every with a valid split of prompt-only conversations: val events with the
+    mean reward of one greedy completion per valid prompt (the first val_batches batches),
+    `loss` minus that reward, the per-reward means and lengths; best/ kept by the reward."""
+    from mlxtune import models
+    from mlxtune.config import ModelConfig
+    from mlxtune.data.records import read_records
+    from mlxtune.evaluate import stop_ids
+
+    write_jsonl(grpo_dir / "valid.jsonl", [
+        {"messages": [{"role": "user", "content": f"say {i}"}]} for i in range(10)])
+    run_dir = grpo_dir / "run"
+    code, out = run_cli(["run", str(grpo_dir / "config.yaml"), "--run-dir", str(run_dir),
+                         "--set", "data.valid=valid.jsonl", "--set", "train.eval_every=8",
+                         "--set", "train.val_batches=2"], capsys)
+    assert code == 0, out.err
+    vals = [e for e in read_events(run_dir) if e["event"] == "val"]
+    assert [e["step"] for e in vals] == [0, 8, 16]
+    for e in vals:
+        assert e["loss"] == -e["reward"] and e["rewards/lowercase/mean"] == e["reward"]
+        assert 0 < e["completions/mean_length"] <= 9 and 0 <= e["completions/clipped_ratio"] <= 1
+    # The first: the starting model's greedy completions of the first 2 x 2 valid prompts.
+    loaded = models.load(ModelConfig(path=str(tiny_model_dir_of(grpo_dir))))
+    records, fmt = read_records(grpo_dir / "valid.jsonl", prompts=True)
+    prompts = rollout.encode_prompts(records, fmt, loaded.tokenizer, 64, 8).examples[:4]
+    gens = rollout.sample(loaded.model, [p.tokens for p in prompts], 1,
+                          stop_ids(loaded.tokenizer), 8, temperature=0.0)
+    by_hand = np.mean([sum(68 <= t <= 93 for t in g.tokens) / max(len(g.tokens), 1)
+                       for g in gens])
+    assert vals[0]["reward"] == pytest.approx(by_hand, abs=1e-9)
+    assert vals[-1]["reward"] > vals[0]["reward"]  # the trained policy writes lower case
+    best = min(vals, key=lambda e: e["loss"])
+    assert best["improved"] and (run_dir / "best" / "adapters.safetensors").is_file()
+    assert "val reward" in out.err
+
+
+def tiny_model_dir_of(grpo_dir: Path) -> Path:
+    return Path(yaml.safe_load((grpo_dir / "config.yaml").read_text())["model"]["path"])
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_micro_batches_sum_to_the_big_batch(loss_type):
+    """What grad_accumulation (and ranks) rest on: a rollout batch cut into micro-batches
+    (of other padded widths), their (sum, weight) and gradients added and divided once as
+    the trainer does, gives the big batch's loss and gradient for every loss type (dapo:
+    the mean over all the batch's completion tokens, not a mean of micro-batch means)."""
+    from mlxtune.objectives import grpo
+
+    rng = np.random.default_rng(0)
+    B, T = 6, 7
+    old = rng.normal(-2, 0.5, (B, T)).astype(np.float32)
+    logps = mx.array(old + rng.normal(0, 0.2, (B, T)).astype(np.float32))
+    adv = mx.array(rng.normal(0, 1, B).astype(np.float32))
+    mask = np.zeros((B, T), bool)
+    for i, n in enumerate([7, 1, 4, 6, 2, 5]):  # completions of different lengths
+        mask[i, T - n:] = True
+    kw = dict(loss_type=loss_type, epsilon=0.2, epsilon_high=0.28, max_completion_tokens=T)
+
+    def whole(lp):
+        s, w, _ = grpo.grpo_loss(lp, mx.array(old), adv, mx.array(mask), **kw)
+        return s / w
+
+    def part(lp, rows, pad):  # a micro-batch, right-padded with masked columns
+        def pad_to(x, value):
+            return mx.concatenate([x, mx.full((x.shape[0], pad), value, x.dtype)], axis=1)
+        s, w, _ = grpo.grpo_loss(pad_to(lp[rows], -1.0), pad_to(mx.array(old)[rows], -1.0),
+                                 adv[rows], pad_to(mx.array(mask)[rows], False), **kw)
+        return s, w
+
+    big, big_grad = mx.value_and_grad(whole)(logps)
+    rows = [mx.array([0, 1, 2]), mx.array([3, 4, 5])]
+    sums, weights, grads = [], [], []
+    for r, pad in zip(rows, (0, 3)):
+        (s, w), g = mx.value_and_grad(lambda lp: part(lp, r, pad), argnums=0)(logps)
+        sums.append(s.item())
+        weights.append(w.item())
+    # the trainer: gradients of the sums, added, divided by the summed weight
+    grad_of_sum = mx.grad(lambda lp: sum(part(lp, r, pad)[0] for r, pad in zip(rows, (0, 3))))
+    accumulated = grad_of_sum(logps) / sum(weights)
+    assert sum(sums) / sum(weights) == pytest.approx(big.item(), rel=1e-6)
+    np.testing.assert_allclose(np.array(accumulated), np.array(big_grad), rtol=1e-5, atol=1e-7)
+    if loss_type == "dapo":  # a mean of the two micro-batches' means would differ
+        assert sum(s / w for s, w in zip(sums, weights)) / 2 != pytest.approx(big.item(),
+                                                                             rel=1e-3)
+
+
+def test_grad_accumulation(grpo_dir, capsys):
+    """grad_accumulation 2: each step samples two rollout micro-batches of batch_size
+    prompts from the same policy; the events count both, the rollout file holds both."""
+    run_dir = grpo_dir / "run"
+    code, out = run_cli(["run", str(grpo_dir / "config.yaml"), "--run-dir", str(run_dir),
+                         "--set", "train.grad_accumulation=2", "--set", "train.iters=3"], capsys)
+    assert code == 0, out.err
+    events = trains(run_dir)
+    assert [e["step"] for e in events] == [1, 2, 3]
+    with np.load(run_dir / "rollouts" / "rollout-0.npz") as z:
+        assert sorted(z.files) == ["metrics", "rank0"]
+        inner = np.load(__import__("io").BytesIO(z["rank0"].tobytes()))
+        assert {"m0_a0", "m1_a0", "m0_a2", "m1_a2"} <= set(inner.files)
+        mask = inner["m0_a1"].sum() + inner["m1_a1"].sum()
+    # tokens: the completion tokens of both micro-batches (2 prompts x 8 each)
+    assert events[0]["tokens"] == mask and inner["m0_a0"].shape[0] == 16
+    lengths = events[0]["completions/mean_length"]
+    assert 1 <= lengths <= 9
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_with_accumulation(grpo_dir, capsys):
+    """Two ranks at batch 4 sample exactly what one process samples at batch 2 with
+    grad_accumulation 2 (the same sampling units: rank r is micro-batch r), gather the
+    rewards for the advantages (scale_rewards: batch, so the whole batch's std) and take
+    the same steps; num_iterations 2 exercises the saved rollout policy's log-probs. SGD,
+    as test_distributed's random batches: AdamW turns the rounding of near-zero gradients
+    (summed in another order) into whole steps, and a sampled token that flips with them
+    changes every later row of its batch."""
+    from test_distributed import adapter_of as adapter, launch
+
+    cfg = str(grpo_dir / "config.yaml")
+    common = ["--set", "objective.num_iterations=2", "--set", "objective.scale_rewards=batch",
+              "--set", "train.iters=6", "--set", "eval.auto=false",
+              "--set", "train.optimizer=sgd", "--set", "train.momentum=0",
+              "--set", "train.learning_rate=0.5"]
+    one, two = grpo_dir / "one", grpo_dir / "two"
+    code, out = run_cli(["run", cfg, "--run-dir", str(one), "-q", *common,
+                         "--set", "train.batch_size=2", "--set", "train.grad_accumulation=2"],
+                        capsys)
+    assert code == 0, out.err
+    done = launch("run", cfg, "--run-dir", str(two), *common, "--set", "train.batch_size=4")
+    assert done.returncode == 0 and (two / "adapters").is_dir(), done.stdout + done.stderr
+    assert "data parallel: 2 ranks, 2 of each batch per rank" in done.stderr
+    import io
+
+    for k in range(3):  # the rollouts: token for token
+        with np.load(one / "rollouts" / f"rollout-{k}.npz") as a, \
+                np.load(two / "rollouts" / f"rollout-{k}.npz") as b:
+            assert json.loads(str(a["metrics"])) == pytest.approx(json.loads(str(b["metrics"])))
+            mine = np.load(io.BytesIO(a["rank0"].tobytes()))
+            theirs = [np.load(io.BytesIO(b[f"rank{r}"].tobytes())) for r in (0, 1)]
+            for m in (0, 1):
+                np.testing.assert_array_equal(mine[f"m{m}_a0"], theirs[m]["m0_a0"])
+                np.testing.assert_array_equal(mine[f"m{m}_a1"], theirs[m]["m0_a1"])
+                np.testing.assert_allclose(mine[f"m{m}_a2"], theirs[m]["m0_a2"], rtol=1e-6)
+    a, b = trains(one), trains(two)
+    assert [e["tokens"] for e in a] == [e["tokens"] for e in b]
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length"):
+        assert [e[key] for e in a] == pytest.approx([e[key] for e in b], rel=1e-9), key
+    np.testing.assert_allclose([e["loss"] for e in b], [e["loss"] for e in a],
+                               rtol=1e-3, atol=1e-6)
+    x, y = adapter(one / "adapters"), adapter(two / "adapters")
+    for k in x:
+        np.testing.assert_allclose(y[k], x[k], atol=1e-4)
+    assert any(np.abs(v).max() > 1e-3 for k, v in y.items() if k.endswith("lora_b"))
+    # Two ranks stopped inside a rollout batch (step 3 of 6) and resumed: rank 0 hands
+    # every rank its share of the saved batch; the same adapter as uninterrupted.
+    part = grpo_dir / "part"
+    common = [c.replace("train.iters=6", "train.iters=3") for c in common]
+    done = launch("run", cfg, "--run-dir", str(part), *common, "--set", "train.batch_size=4")
+    assert done.returncode == 0, done.stderr
+    common = [c.replace("train.iters=3", "train.iters=6") for c in common]
+    done = launch("run", cfg, "--run-dir", str(part), *common, "--set", "train.batch_size=4",
+                  "--resume")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert [e["step"] for e in trains(part)] == list(range(1, 7))
+    z = adapter(part / "adapters")
+    for k in y:
+        np.testing.assert_array_equal(z[k], y[k])

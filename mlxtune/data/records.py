@@ -169,7 +169,8 @@ def check_chat(obj: dict, where: str) -> None:
         _check_message(message, f"{where}: messages[{i}]")
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be from the assistant (it is what the "
-                        f"model learns to write), got role \"{messages[-1]['role']}\"")
+                        f"model learns to write), got role \"{messages[-1]['role']}\" (a "
+                        "conversation without its answer is a prompt for objective.type grpo)")
 
 
 def _check_message(message, where: str) -> None:

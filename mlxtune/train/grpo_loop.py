@@ -361,7 +361,7 @@ class GRPOTrainer(Trainer):
             metrics[f"rewards/{name}/mean"] = float(s / c) if c else math.nan
         metrics["completions/mean_length"] = float(sums[2] / count)
         metrics["completions/clipped_ratio"] = float(sums[3] / count)
-        return -float(reward), metrics
+        return 0.0 - float(reward), metrics  # (not -0.0)
 
     def _evaluate(self) -> str | None:
         """As the trainer's (best/ adapter, early stopping on the val event's loss, here

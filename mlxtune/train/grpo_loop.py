@@ -52,7 +52,6 @@ import io
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import mlx.core as mx

@@ -405,3 +405,25 @@ def test_two_ranks_match_one_process_with_accumulation(grpo_dir, capsys):
     z = adapter(part / "adapters")
     for k in y:
         np.testing.assert_array_equal(z[k], y[k])
+
+
+def test_trains_on_prompt_only_data(grpo_dir, capsys):
+    """Prompts without answers train (a function reward needs none); the samples say
+    reference null; the automatic evaluation, which compares with answers, is skipped
+    with one line instead of failing after training."""
+    write_jsonl(grpo_dir / "ask.jsonl", [
+        {"messages": [{"role": "user", "content": f"write {i}"}]} for i in range(6)])
+    ask = [{"role": "user", "content": "say it"}]
+    write_jsonl(grpo_dir / "ask-test.jsonl", [{"messages": ask}] * 3 + [
+        {"messages": [*ask, {"role": "assistant", "content": "it"}]}])
+    run_dir = grpo_dir / "run"
+    code, out = run_cli(["run", str(grpo_dir / "config.yaml"), "--run-dir", str(run_dir),
+                         "--set", "data.train=ask.jsonl", "--set", "data.test=ask-test.jsonl",
+                         "--set", "eval.auto=true", "--set", "train.iters=2"], capsys)
+    assert code == 0, out.err
+    assert [e["step"] for e in trains(run_dir)] == [1, 2]
+    samples = [json.loads(line) for line in (run_dir / "completions.jsonl").open()]
+    assert samples[0]["reference"] is None and samples[0]["prompt"][-1]["role"] == "user"
+    assert ("eval: skipped after training: 3 of the 4 test prompts have no reference answer"
+            in out.err)
+    assert not (run_dir / "eval.json").exists()

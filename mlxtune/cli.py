@@ -56,7 +56,10 @@ def run(config_path, overrides, run_dir, resume, quiet, no_eval, ignore_memory_p
     if not world.main:
         sys.exit(130 if result.reason == "interrupted" else 0)
     if not quiet:
-        best = f", best val loss {result.best_val:.4f}" if result.best_val is not None else ""
+        best = ""
+        if result.best_val is not None:  # grpo's val loss is minus its validation reward
+            best = (f", best val reward {0.0 - result.best_val:.4f}"
+                    if cfg.objective.type == "grpo" else f", best val loss {result.best_val:.4f}")
         click.echo(f"{result.reason}: step {result.step}{best}", err=True)
     click.echo(str(run_dir))
     if result.reason == "interrupted":

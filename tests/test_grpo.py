@@ -273,6 +273,29 @@ def test_validation_reward_events(grpo_dir, capsys):
     best = min(vals, key=lambda e: e["loss"])
     assert best["improved"] and (run_dir / "best" / "adapters.safetensors").is_file()
     assert "val reward" in out.err
+    # The CLI's last line names the reward, not minus it as a loss.
+    assert f"done: step 16, best val reward {max(e['reward'] for e in vals):.4f}" in out.err
+    assert "val loss" not in out.err
+
+
+def test_early_stopping_names_the_reward(grpo_dir, capsys):
+    """Early stopping on the validation reward: its stop message and the CLI's last line
+    say the reward (the best one, positive), not a loss."""
+    write_jsonl(grpo_dir / "valid.jsonl", [
+        {"messages": [{"role": "user", "content": f"say {i}"}]} for i in range(4)])
+    run_dir = grpo_dir / "run"
+    code, out = run_cli(["run", str(grpo_dir / "config.yaml"), "--run-dir", str(run_dir),
+                         "--set", "data.valid=valid.jsonl", "--set", "train.eval_every=2",
+                         "--set", "train.early_stopping.patience=1",
+                         "--set", "train.early_stopping.min_delta=10"], capsys)
+    assert code == 0, out.err
+    vals = [e for e in read_events(run_dir) if e["event"] == "val"]
+    stop = [e for e in read_events(run_dir) if e["event"] == "stop"][-1]
+    assert [e["step"] for e in vals] == [0, 2] and stop["reason"] == "early_stopping"
+    first = vals[0]["reward"]
+    assert stop["message"] == (f"validation reward has not improved for 1 evaluations; "
+                               f"best {first:.4f} at step 0")
+    assert f"early_stopping: step 2, best val reward {first:.4f}" in out.err
 
 
 def tiny_model_dir_of(grpo_dir: Path) -> Path:

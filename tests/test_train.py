@@ -213,6 +213,9 @@ def test_early_stopping_keeps_best(workdir, capsys):
     stop = read_events(run_dir)[-1]
     assert stop["reason"] == "early_stopping" and stop["step"] == 4  # val at 0 is best; 2 and 4 do not improve
     assert (run_dir / "best" / "adapters.safetensors").exists()
+    best = min(e["loss"] for e in read_events(run_dir) if e["event"] == "val")
+    assert stop["message"].startswith("validation loss has not improved for 2 evaluations")
+    assert f"early_stopping: step 4, best val loss {best:.4f}" in out.err
 
 
 def test_grad_accumulation_equals_bigger_batch(workdir, capsys):

@@ -440,10 +440,14 @@ class Trainer:
         if stop_reason != "interrupted":
             self._save_adapter("adapters")
         best = pos.best_val if math.isfinite(pos.best_val) else None
+        # GRPO validates a reward, its val `loss` being minus it: the message names the reward.
+        watched = (f"validation reward has not improved for {pos.bad_evals} evaluations; best "
+                   f"{0.0 - best:.4f}" if self.cfg.objective.type == "grpo" and best is not None
+                   else f"validation loss has not improved for {pos.bad_evals} evaluations; "
+                        f"best {best}")
         messages = {
             "done": f"finished {pos.step} steps",
-            "early_stopping": f"validation loss has not improved for {pos.bad_evals} "
-                              f"evaluations; best {best} at step {pos.best_step}",
+            "early_stopping": f"{watched} at step {pos.best_step}",
             "interrupted": f"stopped by signal {self._signal or '(to another rank)'} at step "
                            f"{pos.step}; resume with --resume",
         }

@@ -416,3 +416,102 @@ def test_run_prints_one_leakage_line(tmp_path, tiny_model_dir, capsys):
     assert lines == [f"leakage: 1 test example also appears in train: mlxtune data "
                      f"{tmp_path / 'config.yaml'}"], err
     assert "done: step 1" in err
+
+
+# ----------------------------------------------------------------------------- grpo
+
+
+def test_grpo_config_reads_prompts_as_its_run(tmp_path, tiny_model_dir, tiny_tokenizer,
+                                              capsys):
+    """A grpo config's data is read for prompts, as its run reads it: prompt-only
+    conversations and answered ones; prompt tokens by the run's own prompt encoder, the
+    prompts it leaves out (longer than max_seq_len - max_completion_tokens), no loss-token
+    numbers; conflicts only among answered prompts; a reward that needs answers makes the
+    missing ones a problem (exit 1), one without does not."""
+    from mlxtune.datacheck.summary import truncation
+    from mlxtune.objectives.rollout import encode_prompts
+
+    rng = random.Random(3)
+    tasks = iter(distinct_tasks())
+    answered = [task_example(rng, next(tasks), f"a{i}") for i in range(8)]
+    alone = [{"messages": task_example(rng, next(tasks), f"p{i}")["messages"][:2],
+              "user": f"p{i}"} for i in range(5)]
+    long_prompt = {"messages": [{"role": "user", "content": noise(rng, 60)}], "user": "z"}
+    # The same prompt alone and with an answer: no conflict (a prompt has no answer to
+    # disagree with); the same prompt with two answers: one.
+    again = {"messages": answered[0]["messages"][:2], "user": "a0"}
+    other = json.loads(json.dumps(answered[1]))
+    other["messages"][2]["content"] = '{"title": "Something else"}'
+    train = answered + alone + [long_prompt, again, other]
+    held = [task_example(rng, next(tasks), f"t{i}") for i in range(3)]
+    held.append({"messages": held[0]["messages"][:2], "user": "t0"})
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "valid.jsonl", held)
+    write_jsonl(tmp_path / "test.jsonl", [task_example(rng, next(tasks), f"s{i}")
+                                          for i in range(3)])
+    path = write_config(tmp_path, tiny_model_dir, max_seq_len=400)
+    raw = yaml.safe_load(path.read_text())
+    raw["objective"] = {"type": "grpo", "max_completion_tokens": 64,
+                        "rewards": [{"name": "json_valid"}]}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = config.load(path)
+    report = check(cfg).data
+    assert report["format"] == "chat" and report["prompt_room"] == 336
+    tr = report["splits"]["train"]
+    assert (tr["examples"], tr["with_reference"], tr["without_reference"]) == (16, 9, 7)
+    assert "loss_tokens" not in tr and "truncated" not in tr
+    splits, fmt = data.load_splits(cfg.data, 0, prompts=True)
+    prompts = encode_prompts(splits["train"], fmt, tiny_tokenizer, 1 << 30, 0).examples
+    lengths = [len(p.tokens) for p in prompts]
+    assert tr["prompt_tokens"] == sum(lengths) and tr["length"]["max"] == max(lengths)
+    run = encode_prompts(splits["train"], fmt, tiny_tokenizer, 400, 64)
+    assert tr["left_out"] == run.n_truncated == sum(n > 336 for n in lengths) == 1
+    assert report["conflicts"] == 1
+    assert report["missing_references"] == [] and report["problems"] == ["conflicts"]
+    assert report["example"]["reference"] == answered[0]["messages"][2]["content"]
+    assert truncation(cfg)["truncated"] == tr["left_out"]
+
+    with pytest.raises(SystemExit) as e:
+        main(["data", str(path)])
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    assert "found: conflicts (exit 1)" in out
+    assert "read for prompts as objective.type grpo reads them" in out
+    assert "loss tok " not in out and "no loss tokens: a grpo run trains on completions" in out
+    assert "8 prompts have no reference answer (prompt only)" in out  # 7 train, 1 valid
+    assert "its reference answer: '{" in out
+
+    # field_match compares with the answers: the run refuses the prompts without one.
+    with pytest.raises(SystemExit) as e:
+        main(["data", str(path), "--set", 'objective.rewards=[{"name": "field_match"}]'])
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    assert ("refused by a run: objective.rewards[0] (field_match) compares with a reference "
+            "answer: 7 of the 16 prompts of train have none") in out
+    assert "found: conflicts, prompts without the reference answers a reward needs" in out
+
+
+def test_prompt_only_completions_and_leakage_note(tmp_path, tiny_model_dir):
+    """Completions records read for prompts (a prompt alone, TRL's conversational prompt
+    and completion): indexed for duplicates and leakage like any record, so `mlxtune run`'s
+    leakage line sees a held-out prompt copied from train."""
+    user = [{"role": "user", "content": "summarise the quarterly report for the board"}]
+    train = [{"prompt": "write the release notes for version two"},
+             {"prompt": user},
+             {"prompt": user, "completion": [{"role": "assistant", "content": "done"}]},
+             {"prompt": "plan the team offsite", "completion": "ok"}]
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "test.jsonl", [{"prompt": "Write the release notes, for version two!"}])
+    path = write_config(tmp_path, tiny_model_dir, valid=None, split=None)
+    raw = yaml.safe_load(path.read_text())
+    raw["objective"] = {"type": "grpo", "max_completion_tokens": 16,
+                        "rewards": [{"name": "json_valid"}]}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = config.load(path)
+    report = check(cfg).data
+    assert report["format"] == "completions"
+    assert report["splits"]["train"]["without_reference"] == 2
+    assert report["leakage"]["test"] == 1 and report["conflicts"] == 0
+    splits, fmt = data.load_splits(cfg.data, 0, prompts=True)
+    assert leakage_note(cfg, splits, fmt).startswith(
+        "leakage: 1 test example also appears in train")

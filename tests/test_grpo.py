@@ -450,3 +450,21 @@ def test_trains_on_prompt_only_data(grpo_dir, capsys):
     assert ("eval: skipped after training: 3 of the 4 test prompts have no reference answer"
             in out.err)
     assert not (run_dir / "eval.json").exists()
+
+    # `mlxtune eval` on it: one line saying why, before any model is loaded.
+    code, out = run_cli(["eval", str(run_dir)], capsys)
+    lines = out.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, out.err
+    assert lines[0].endswith(
+        "ask-test.jsonl:1: cannot measure loss or answer metrics: 3 of the 4 test prompts of "
+        "this grpo run have no reference answer to compare with (prompt-only records); give "
+        "them their answers, or evaluate a file that has them (--data)")
+    # A held-out file with answers evaluates; the few-shot side, which needs training
+    # examples with answers (the train prompts have none), is left out.
+    answered = write_jsonl(grpo_dir / "answered.jsonl", [
+        {"messages": [*ask, {"role": "assistant", "content": "it"}]}] * 2)
+    code, out = run_cli(["eval", str(run_dir), "--data", str(answered), "--no-forgetting",
+                         "--max-new-tokens", "4", "--json"], capsys)
+    assert code == 0, out.err
+    result = json.loads(out.out)
+    assert result["loss_examples"] == 2 and "tuned" in result and "few_shot" not in result

@@ -17,10 +17,20 @@ instead of stopping at the first, and reports:
 - empty answers, control characters, answers the chat template cuts, and one example
   rendered with the loss-bearing tokens marked.
 
+A grpo config's data is read as its run reads it, for prompts (``prompts=True``): a
+record may hold a prompt alone, and an answer that is there is the reference the rewards
+compare with. Its token facts are then the prompts' (rendered with the generation prompt,
+as rollouts see them): prompt tokens, the prompts a run leaves out (longer than
+data.max_seq_len - objective.max_completion_tokens), how many have a reference answer and
+how long those are against max_completion_tokens. No token of the data carries loss
+there (the completions are sampled), so there are no loss-token numbers; prompts without
+an answer are counted and named as such. Conflicts are among prompts with answers.
+
 The exit code (``Report.exit_code``): 0 clean, 1 when it found leakage, conflicts or
-empty answers (a run stops on the first of those), 2 on bad input (raised as
-MlxtuneError before anything is reported). Duplicates, truncation, control characters and
-cut answers are warnings.
+empty answers (a run stops on the first of those), or (grpo) prompts without the reference
+answer that a configured reward compares with (the run refuses them), 2 on bad input
+(raised as MlxtuneError before anything is reported). Duplicates, truncation, control
+characters and cut answers are warnings.
 """
 
 from __future__ import annotations
@@ -51,9 +61,14 @@ class Loaded:
     index: text.Index = None
 
 
+def reads_prompts(cfg: Config) -> bool:
+    """Whether the run reads its data for prompts (grpo: answers optional)."""
+    return cfg.objective.type == "grpo"
+
+
 def load(cfg: Config) -> Loaded:
     skipped: list = []
-    splits, fmt = load_splits(cfg.data, cfg.train.seed, skipped)
+    splits, fmt = load_splits(cfg.data, cfg.train.seed, skipped, prompts=reads_prompts(cfg))
     order = [(name, i) for name in SPLITS for i in range(len(splits[name]))]
     loaded = Loaded(splits, fmt, skipped, order)
     loaded.index = text.index([splits[s][i].data for s, i in order], fmt)
@@ -183,7 +198,8 @@ def conflicts(loaded: Loaded) -> list[list[int]]:
         return []
     by_prompt: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     for k, (split, _) in enumerate(loaded.order):
-        if split == "train":
+        # A prompt without an answer (grpo) disagrees with no other record.
+        if split == "train" and text.has_answer(_record(loaded, k).data, loaded.fmt):
             by_prompt[ix.prompt[k]][ix.answer[k]].append(k)
     out = []
     for answers in by_prompt.values():
@@ -237,6 +253,52 @@ def split_summary(records, fmt: str, facts: tokens.SplitTokens | None, max_len: 
     return out
 
 
+def prompt_summary(records, fmt: str, facts: tokens.PromptTokens | None, room: int,
+                   max_completion: int) -> dict:
+    """A split read for its prompts (grpo): see the module's docstring."""
+    out = {"examples": len(records), "format": fmt, "prompts": True}
+    if facts is None:
+        return out
+    lengths, has, refs = facts.lengths, facts.has_reference, facts.reference_lengths
+    left_out = lengths > room
+    n = len(lengths)
+    out.update({
+        "with_reference": int(has.sum()),
+        "without_reference": int(n - has.sum()),
+        "prompt_tokens": int(lengths.sum()),
+        "length": {"mean": round(float(lengths.mean()), 1) if n else 0.0,
+                   "p50": int(np.percentile(lengths, 50)) if n else 0,
+                   "p95": int(np.percentile(lengths, 95)) if n else 0,
+                   "max": int(lengths.max()) if n else 0},
+        "left_out": int(left_out.sum()),
+        "left_out_share": round(float(left_out.mean()), 4) if n else 0.0,
+        "reference_tokens": int(refs.sum()),
+        "references_over_max_completion": int((refs > max_completion).sum()),
+        "histogram": histogram(lengths, room),
+    })
+    return out
+
+
+def _missing_references(cfg: Config, splits: dict, fmt: str) -> list[str]:
+    """grpo: "REWARD: N of M prompts of SPLIT" for each configured reward that compares
+    with a reference answer, in each split the run scores whose prompts lack one (the run
+    refuses those; grpo_loop.check)."""
+    from mlxtune.objectives.rewards import FUNCTIONS, NEEDS_REFERENCE
+
+    scored = ["train"] + (["valid"] if cfg.train.eval_every else [])
+    out = []
+    for i, spec in enumerate(cfg.objective.rewards):
+        if spec.function or FUNCTIONS.get(spec.name) not in NEEDS_REFERENCE:
+            continue
+        for split in scored:
+            missing = sum(not text.has_answer(r.data, fmt) for r in splits[split])
+            if missing:
+                out.append(f"objective.rewards[{i}] ({spec.name}) compares with a reference "
+                           f"answer: {missing} of the {len(splits[split])} prompts of {split} "
+                           "have none")
+    return out
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -278,10 +340,13 @@ def check(cfg: Config, with_tokens: bool = True, progress=None) -> Report:
     conflict_groups = conflicts(loaded)
     src = lambda k: _record(loaded, k).source  # noqa: E731
     bands, rows = minhash.bands_for(dedup.threshold)
+    grpo = reads_prompts(cfg)
+    room = cfg.data.max_seq_len - (cfg.objective.max_completion_tokens if grpo else 0)
     report: dict = {
         "config": cfg.source,
         "data": describe_source(cfg),
         "format": loaded.fmt,
+        "objective": cfg.objective.type,
         "tokenizer": None,
         "max_seq_len": cfg.data.max_seq_len,
         "splits": {},
@@ -324,8 +389,25 @@ def check(cfg: Config, with_tokens: bool = True, progress=None) -> Report:
                                 "characters": [f"U+{ord(c):04X}" for c in chars]})
     report["control_character_count"] = len(control)
     report["control_characters"] = control[:LIST_LIMIT]
+    if grpo:
+        report["prompt_room"] = room
+        report["max_completion_tokens"] = cfg.objective.max_completion_tokens
     facts = {}
-    if with_tokens:
+    if with_tokens and grpo:
+        say("loading the tokenizer")
+        tokenizer, what = tokens.load_tokenizer(cfg.model)
+        report["tokenizer"] = what
+        for name in SPLITS:
+            if loaded.splits[name]:
+                say(f"tokens: {name}")
+                facts[name] = tokens.prompt_tokens(loaded.splits[name], loaded.fmt, tokenizer)
+        say("one example")
+        first = loaded.splits["train"][0]
+        prompt, reference = tokens.render_prompt(first, loaded.fmt, tokenizer)
+        report["example"] = {"split": "train", "source": first.source,
+                             "pieces": [{"text": prompt, "loss": False}],
+                             "reference": reference}
+    elif with_tokens:
         say("loading the tokenizer")
         tokenizer, what = tokens.load_tokenizer(cfg.model)
         report["tokenizer"] = what
@@ -345,8 +427,11 @@ def check(cfg: Config, with_tokens: bool = True, progress=None) -> Report:
             "pieces": [{"text": t, "loss": loss} for t, loss in
                        tokens.render_example(first, loaded.fmt, tokenizer, cfg.data)]}
     for name in SPLITS:
-        report["splits"][name] = split_summary(loaded.splits[name], loaded.fmt,
-                                               facts.get(name), cfg.data.max_seq_len)
+        report["splits"][name] = (
+            prompt_summary(loaded.splits[name], loaded.fmt, facts.get(name), room,
+                           cfg.objective.max_completion_tokens) if grpo else
+            split_summary(loaded.splits[name], loaded.fmt, facts.get(name),
+                          cfg.data.max_seq_len))
     problems = []
     leaked = report["leakage"]["valid"] + report["leakage"]["test"]
     if leaked:
@@ -357,6 +442,10 @@ def check(cfg: Config, with_tokens: bool = True, progress=None) -> Report:
         problems.append("conflicts")
     if loaded.skipped:
         problems.append("empty answers")
+    if grpo:
+        report["missing_references"] = _missing_references(cfg, loaded.splits, loaded.fmt)
+        if report["missing_references"]:
+            problems.append("prompts without the reference answers a reward needs")
     report["problems"] = problems
     report["exit_code"] = 1 if problems else 0
     return Report(report, loaded, sim)
@@ -365,7 +454,7 @@ def check(cfg: Config, with_tokens: bool = True, progress=None) -> Report:
 def _prompt_text(data: dict, fmt: str, limit: int = 160) -> str:
     if fmt == "chat":
         messages = data["messages"]
-        last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+        last = len(messages) - (messages[-1].get("role") == "assistant")
         users = [m for m in messages[:last] if m.get("role") == "user"]
         value = (users[-1] if users else messages[last - 1] if last else messages[0])
         value = value.get("content") or ""
@@ -374,6 +463,9 @@ def _prompt_text(data: dict, fmt: str, limit: int = 160) -> str:
         value = prompt if isinstance(prompt, str) else json.dumps(prompt)[:limit]
     else:
         value = data.get("prompt", "")
+        if isinstance(value, list):  # TRL's conversational prompt (grpo)
+            users = [m for m in value if m.get("role") == "user"]
+            value = (users[-1] if users else value[-1]).get("content") or ""
     value = " ".join(str(value).split())
     return value if len(value) <= limit else value[:limit - 1] + "…"
 

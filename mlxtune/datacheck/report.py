@@ -26,16 +26,24 @@ def _pct(n: int, total: int) -> str:
 
 def text(report: dict) -> str:
     r = report
-    out = [f"data: {_short_paths(r['data'])}  ({r['format']})"]
+    grpo = "prompt_room" in r
+    out = [f"data: {_short_paths(r['data'])}  ({r['format']}"
+           f"{', read for prompts as objective.type grpo reads them' if grpo else ''})"]
     if r["tokenizer"]:
         out.append(f"tokens: {r['tokenizer']}'s tokenizer and template, data.max_seq_len "
-                   f"{r['max_seq_len']}")
+                   f"{r['max_seq_len']}" + (f" - objective.max_completion_tokens "
+                                            f"{r['max_completion_tokens']} = "
+                                            f"{r['prompt_room']} for a prompt" if grpo else ""))
     out.append("")
-    out += _split_table(r)
+    out += _prompt_table(r) if grpo else _split_table(r)
     train = r["splits"]["train"]
+    if grpo and "with_reference" in train:
+        out += _prompt_notes(r)
     if "histogram" in train:
-        out += ["", f"token lengths (train) against data.max_seq_len {r['max_seq_len']}:"]
-        out += _histogram(train["histogram"], r["max_seq_len"])
+        limit = r["prompt_room"] if grpo else r["max_seq_len"]
+        out += ["", f"prompt lengths (train) against the {limit} tokens a prompt may take:"
+                if grpo else f"token lengths (train) against data.max_seq_len {limit}:"]
+        out += _histogram(train["histogram"], limit, "left out" if grpo else "truncated")
     d, lk = r["duplicates"], r["leakage"]
     out += ["", f"duplicates in train: {d['exact']} exact, {d['near']} near "
                 f"(Jaccard >= {d['threshold']:g} over {d['shingle']}-word shingles)"]
@@ -69,12 +77,21 @@ def text(report: dict) -> str:
     for c in r["template_cuts"][:SHOWN]:
         answer = c["answer"] if len(c["answer"]) < 60 else c["answer"][:59] + "…"
         out.append(f"  {short(c['source'])}: the rendered conversation lacks {answer!r}")
-    if r["example"]:
+    if r["example"] and grpo:
+        ex = r["example"]
+        out += ["", f"one training prompt ({short(ex['source'])}) as the model sees it before "
+                    "it samples a completion:", ""]
+        out.append("".join(p["text"] for p in ex["pieces"]).rstrip("\n"))
+        out += ["", f"its reference answer: {ex['reference']!r}" if ex["reference"] is not None
+                else "its reference answer: none (a prompt alone)"]
+    elif r["example"]:
         ex = r["example"]
         out += ["", f"one training example ({short(ex['source'])}) as the model sees it; "
                     "the tokens that carry loss between ⟦ ⟧:", ""]
         out.append("".join(f"⟦{p['text']}⟧" if p["loss"] else p["text"]
                            for p in ex["pieces"]).rstrip("\n"))
+    for line in r.get("missing_references", []):
+        out.append(f"refused by a run: {line}")
     out.append("")
     if r["problems"]:
         out.append(f"found: {', '.join(r['problems'])} (exit 1); `--fix OUT_DIR` writes a "
@@ -111,7 +128,45 @@ def _split_table(r: dict) -> list[str]:
     return rows
 
 
-def _histogram(h: dict, max_len: int) -> list[str]:
+def _prompt_table(r: dict) -> list[str]:
+    """grpo: prompts, not loss-bearing tokens (the completions are sampled)."""
+    with_tokens = "with_reference" in r["splits"]["train"]
+    head = f"{'split':<6}{'prompts':>9}"
+    if with_tokens:
+        head += (f"{'w/ answer':>11}{'prompt only':>13}{'prompt tok':>12}{'mean':>7}{'p95':>6}"
+                 f"{'max':>7}{'left out':>14}")
+    rows = [head]
+    for name, s in r["splits"].items():
+        line = f"{name:<6}{s['examples']:>9,}"
+        if with_tokens and "with_reference" in s:
+            left = f"{s['left_out']:,} ({_pct(s['left_out'], s['examples'])})"
+            ln = s["length"]
+            line += (f"{s['with_reference']:>11,}{s['without_reference']:>13,}"
+                     f"{s['prompt_tokens']:>12,}{ln['mean']:>7.0f}{ln['p95']:>6}{ln['max']:>7}"
+                     f"{left:>14}")
+        rows.append(line)
+    return rows
+
+
+def _prompt_notes(r: dict) -> list[str]:
+    splits = [s for s in r["splits"].values() if "with_reference" in s]
+    alone = sum(s["without_reference"] for s in splits)
+    answered = sum(s["with_reference"] for s in splits)
+    over = sum(s["references_over_max_completion"] for s in splits)
+    out = ["", "no loss tokens: a grpo run trains on completions it samples, so no token of "
+               "the data carries loss; prompts longer than the room are left out, not cut"]
+    if alone:
+        out.append(f"{alone:,} prompts have no reference answer (prompt only): rewards that "
+                   "compare with one (field_match, exact_match) cannot score them, and eval "
+                   "cannot measure loss or field metrics on them")
+    if answered:
+        out.append(f"{answered:,} prompts have a reference answer; {over:,} of those are "
+                   f"longer than objective.max_completion_tokens "
+                   f"({r['max_completion_tokens']} tokens of their text)")
+    return out
+
+
+def _histogram(h: dict, max_len: int, past: str = "truncated") -> list[str]:
     edges, counts = h["edges"], h["counts"]
     top = max(counts) or 1
     out = []
@@ -119,7 +174,7 @@ def _histogram(h: dict, max_len: int) -> list[str]:
         lo = edges[i] + 1 if i else 1
         label = f"{lo}-{edges[i + 1]}" if edges[i + 1] is not None else f">{edges[i]}"
         bar = "█" * max(int(round(BAR * n / top)), 1 if n else 0)
-        note = "  truncated" if edges[i] >= max_len and n else ""
+        note = f"  {past}" if edges[i] >= max_len and n else ""
         out.append(f"  {label:>13} {n:>8,} {bar}{note}")
     return out
 

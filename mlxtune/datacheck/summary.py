@@ -61,20 +61,26 @@ def summary(cfg: Config) -> dict:
 
 
 def truncation(cfg: Config) -> dict:
-    """{"examples", "truncated", "share", "max_seq_len"} for the train split."""
+    """{"examples", "truncated", "share", "max_seq_len"} for the train split (grpo: its
+    prompts, "truncated" those a run leaves out, longer than data.max_seq_len -
+    objective.max_completion_tokens)."""
     from mlxtune.data.splits import load_splits
     from mlxtune.datacheck import tokens
+    from mlxtune.datacheck.check import reads_prompts
 
-    key = _data_key(cfg, cfg.model.path, cfg.model.revision)
+    grpo = reads_prompts(cfg)
+    key = _data_key(cfg, cfg.model.path, cfg.model.revision, grpo)
     with _LOCK:
         lengths = _LENGTHS.get(key)
     if lengths is None:
-        splits, fmt = load_splits(cfg.data, cfg.train.seed, [])
+        splits, fmt = load_splits(cfg.data, cfg.train.seed, [], prompts=grpo)
         tokenizer, _ = tokens.load_tokenizer(cfg.model)
-        lengths = tokens.split_tokens(splits["train"], fmt, tokenizer, cfg.data).lengths
+        lengths = (tokens.prompt_tokens(splits["train"], fmt, tokenizer).lengths if grpo else
+                   tokens.split_tokens(splits["train"], fmt, tokenizer, cfg.data).lengths)
         with _LOCK:
             _LENGTHS[key] = lengths
     n = len(lengths)
-    over = int((np.asarray(lengths) > cfg.data.max_seq_len).sum())
+    room = cfg.data.max_seq_len - (cfg.objective.max_completion_tokens if grpo else 0)
+    over = int((np.asarray(lengths) > room).sum())
     return {"examples": n, "truncated": over, "share": over / n if n else 0.0,
             "max_seq_len": cfg.data.max_seq_len}

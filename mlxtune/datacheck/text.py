@@ -157,14 +157,21 @@ def segments(data: dict, fmt: str) -> list[tuple[int, str, str]]:
     rejected for preference pairs)."""
     if fmt == "chat":
         messages = data["messages"]
-        last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+        # The answer is the last turn when it is the assistant's; a conversation read for
+        # its prompt (grpo) may end with a user or tool turn: then it is all prompt.
+        last = len(messages) - (messages[-1].get("role") == "assistant")
         out = [(ROLES.get(m.get("role"), 0), _content(m), "prompt" if i < last else "answer")
                for i, m in enumerate(messages)]
         if data.get("tools"):
             out.append((TOOLS, json.dumps(data["tools"], sort_keys=True), "prompt"))
         return out
     if fmt == "completions":
-        return [(PROMPT, data["prompt"], "prompt"), (COMPLETION, data["completion"], "answer")]
+        # Read for prompts (grpo), "prompt" may be TRL's message list and "completion" a
+        # list of assistant messages, or absent (a prompt alone).
+        out = _side(data["prompt"], PROMPT, "prompt")
+        if data.get("completion") is not None:
+            out += _side(data["completion"], COMPLETION, "answer")
+        return out
     if fmt == "text":
         return [(TEXT, data["text"], "answer")]
     from mlxtune.data.preference import parts
@@ -182,6 +189,22 @@ def segments(data: dict, fmt: str) -> list[tuple[int, str, str]]:
     if tools:
         out.append((TOOLS, json.dumps(tools, sort_keys=True), "prompt"))
     return out
+
+
+def _side(value, kind: int, part: str) -> list[tuple[int, str, str]]:
+    """A completions record's prompt or completion: a string, or messages."""
+    if isinstance(value, str):
+        return [(kind, value, part)]
+    return [(ROLES.get(m.get("role"), 0), _content(m), part) for m in value]
+
+
+def has_answer(data: dict, fmt: str) -> bool:
+    """Whether a validated record holds an answer (read for prompts, it may not)."""
+    if fmt == "chat":
+        return data["messages"][-1].get("role") == "assistant"
+    if fmt == "completions":
+        return data.get("completion") is not None
+    return True
 
 
 @dataclass

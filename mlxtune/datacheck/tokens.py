@@ -236,6 +236,48 @@ def split_tokens(records, fmt: str, tokenizer, data_cfg, progress=None) -> Split
     return SplitTokens(lengths, loss, kept, turns, cuts)
 
 
+@dataclass
+class PromptTokens:
+    """Per record of a split read for its prompts (grpo): the prompt's tokens as a run
+    renders them (chat template and generation prompt), whether it has a reference answer,
+    and the reference's own tokens (its text alone, no template; 0 without one). A grpo
+    run trains on sampled completions, so no token of the data carries loss."""
+    lengths: np.ndarray
+    has_reference: np.ndarray
+    reference_lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def prompt_tokens(records, fmt: str, tokenizer) -> PromptTokens:
+    """PromptTokens of one split, by the run's own prompt encoder (objective rollout's
+    encode_prompts), untruncated; raises DataError as a run would (e.g. for text data)."""
+    from mlxtune.objectives.rollout import encode_prompts
+
+    n = len(records)
+    lengths, refs = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    has = np.zeros(n, bool)
+    if not n:
+        return PromptTokens(lengths, has, refs)
+    # No room limit: every prompt is kept, in order, so lengths can be set against any.
+    prompts = encode_prompts(records, fmt, tokenizer, 1 << 62, 0).examples
+    for i, p in enumerate(prompts):
+        lengths[i] = len(p.tokens)
+        if p.reference is not None:
+            has[i] = True
+            refs[i] = len(tokenizer.encode(str(p.reference), add_special_tokens=False))
+    return PromptTokens(lengths, has, refs)
+
+
+def render_prompt(record, fmt: str, tokenizer) -> tuple[str, str | None]:
+    """(the prompt as the model sees it, generation prompt included; its reference)."""
+    from mlxtune.objectives.rollout import encode_prompts
+
+    p = encode_prompts([record], fmt, tokenizer, 1 << 62, 0).examples[0]
+    return tokenizer.decode(p.tokens), p.reference
+
+
 def _turns(data: dict, fmt: str) -> int:
     if fmt == "chat":
         return sum(1 for m in data["messages"] if m.get("role") == "assistant")

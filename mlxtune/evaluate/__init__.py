@@ -113,11 +113,43 @@ def train_records(cfg: Config) -> tuple[list[data.Record], str]:
     eval.data and a split rule, that file's train split; else the run's own)."""
     if cfg.eval.data and cfg.data.path:
         return _splits(cfg, "train")[:2]
+    if cfg.objective.type == "grpo":  # its prompts may lack answers: shots need them
+        from mlxtune.data.records import validate
+        from mlxtune.datacheck.text import has_answer
+
+        splits, fmt = data.load_splits(cfg.data, cfg.train.seed, prompts=True)
+        answered = [(r.data, r.source) for r in splits["train"] if has_answer(r.data, fmt)]
+        return (validate(answered)[0], fmt) if answered else ([], fmt)
     splits, fmt = data.load_splits(cfg.data, cfg.train.seed)
     return splits["train"], fmt
 
 
+def _prompts_have_answers(cfg: Config, split: str) -> None:
+    """A grpo run reads prompts, answers optional: evaluation compares with answers, so
+    held-out prompts without one are refused in one line that says why."""
+    from mlxtune.data.records import read_records
+    from mlxtune.data.splits import split_records
+    from mlxtune.datacheck.text import has_answer
+
+    if cfg.eval.data:
+        records, fmt = read_records(cfg.eval.data, prompts=True)
+        if cfg.data.path:
+            records = split_records(records, cfg.data.split, cfg.train.seed,
+                                    cfg.eval.data)[split]
+    else:
+        splits, fmt = data.load_splits(cfg.data, cfg.train.seed, prompts=True)
+        records = splits[split]
+    missing = [r for r in records if not has_answer(r.data, fmt)]
+    if missing:
+        raise DataError(f"{missing[0].source}: cannot measure loss or answer metrics: "
+                        f"{len(missing)} of the {len(records)} {split} prompts of this grpo "
+                        "run have no reference answer to compare with (prompt-only records); "
+                        "give them their answers, or evaluate a file that has them (--data)")
+
+
 def _splits(cfg: Config, split: str) -> tuple[list[data.Record], str]:
+    if cfg.objective.type == "grpo":
+        _prompts_have_answers(cfg, split)
     if cfg.eval.data:
         from mlxtune.data.records import read_records
         from mlxtune.data.splits import split_records
@@ -410,6 +442,8 @@ def few_shot_inputs(cfg: Config, task: Task, tok, model_config: dict, shots: int
     if task.fmt == "text" or not task.records:
         return None
     train_recs, train_fmt = train if train is not None else train_records(cfg)
+    if not train_recs:  # a grpo run's prompts without answers: no shots to show
+        return None
     context = few_shot.model_context(model_config, tok)
     builder = few_shot.Builder(tok, train_recs, train_fmt, shots, context, task.max_new,
                                cfg.data.mask_history)

@@ -148,6 +148,15 @@ class DataConfig:
     # batches trained to a worse held-out loss: docs/performance.md), true for preference
     # pairs (a pair's loss does not depend on its batch). Ignored when rows are packed.
     group_by_length: Optional[bool] = None
+    # Row widths of the training batches (a compiled step is traced and compiled for every
+    # new shape): 0 pads each batch's rows to a multiple of 32 tokens; N: to a multiple of
+    # 32 up to 32 x N tokens, then to one of N widths per doubling, so a row pads by less
+    # than 1/N of its width and a run sees O(N log(max_seq_len)) widths; never wider than
+    # a multiple of 32 would be at max_seq_len. None: 8 under the GPU profile (Metal,
+    # CUDA: short steps, where compiling a shape costs as much as a step), 0 on the CPU
+    # profile (steps of seconds: compiling a shape costs ~0.2 s, less than the padding
+    # would). See docs/performance.md, "Shape buckets".
+    shape_buckets: Optional[int] = field(default=None, metadata={"min": 0})
 
 
 @dataclass

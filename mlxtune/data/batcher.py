@@ -16,6 +16,11 @@ length-grouped batch of short examples moves the adapter as far as one of long e
 with many times their tokens; on docs/performance.md's benchmark that trained to a worse
 held-out loss than mlx-lm's mixed batches, every seed.
 
+Row widths: the longest row of a batch rounded up to a multiple of `pad_multiple`, or with
+data.shape_buckets to one of a bounded set of widths (`batches.Widths`), capped at the
+layout's widest row (data.max_seq_len; a random batch's shared rows: `mix_row_len`), so
+that the compiled step is traced for few shapes (docs/performance.md, "Shape buckets").
+
 One object answers the trainer's three questions: which batches an epoch has (in order),
 how a batch becomes arrays, and how many batches an epoch holds. Every layout is a pure
 function of (example lengths, batch size, seed, epoch), which is what lets a resumed run
@@ -24,7 +29,7 @@ continue at the same batch.
 
 from __future__ import annotations
 
-from mlxtune.data.batches import batch_order, collate
+from mlxtune.data.batches import Widths, batch_order, collate
 from mlxtune.data.encode import Example
 from mlxtune.data.packing import (RowCost, collate_packed, first_fit_decreasing,
                                   packed_batch_order)
@@ -39,13 +44,17 @@ MIX_ROW_CAP = 4096
 class Batcher:
     def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int,
                  pad_multiple: int, layout: str = "by_length", row_len: int = 0,
-                 mix_row_len: int = 0, cost: RowCost | None = None):
+                 mix_row_len: int = 0, cost: RowCost | None = None, buckets: int = 0):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.pad_id, self.pad_multiple = pad_id, pad_multiple
+        self.pad_id, self.pad_multiple, self.buckets = pad_id, pad_multiple, buckets
         self.layout, self.row_len = layout, row_len
         self.mix_row_len = mix_row_len or row_len
+        # One example (or a packed row) a row: at most row_len; a random batch's shared rows:
+        # at most mix_row_len. Each is the top width of its set.
+        self.widths = Widths(pad_multiple, buckets, row_len or None)
+        self.mix_widths = Widths(pad_multiple, buckets, self.mix_row_len or None)
         self.cost = cost or RowCost(1.0, 0.0)
         self.lengths = [len(e.tokens) for e in examples]
         self._orders: dict[int, list] = {}
@@ -78,6 +87,8 @@ class Batcher:
                                                               max(self.lengths[i] for i in batch)))
         if len(mixed) == len(batch):  # one example a row either way
             return alone, False
+        # Decided on widths rounded to pad_multiple, whatever the buckets: they change a
+        # batch's width, never its rows.
         if (self.cost.of(mixed, self.lengths, self.pad_multiple, segmented=True)
                 < self.cost.of(alone, self.lengths, self.pad_multiple, segmented=False)):
             return mixed, True
@@ -89,30 +100,45 @@ class Batcher:
         rows, segmented = self.rows(batch)
         if segmented:
             return collate_packed([[self.examples[i] for i in row] for row in rows],
-                                  self.pad_id, self.pad_multiple)
-        return collate([self.examples[row[0]] for row in rows], self.pad_id, self.pad_multiple)
+                                  self.pad_id, self.row_widths(segmented))
+        return collate([self.examples[row[0]] for row in rows], self.pad_id,
+                       self.row_widths(segmented))
+
+    def row_widths(self, segmented: bool) -> Widths:
+        """The widths of rows of one example (False) or of several (True)."""
+        return self.mix_widths if segmented and not self.packed else self.widths
+
+    def shape(self, batch) -> tuple[int, int, bool]:
+        """(rows, width, segmented) of a batch as `arrays` lays it out, without the arrays."""
+        rows, segmented = self.rows(batch)
+        longest = max(sum(self.lengths[i] for i in row) for row in rows)
+        return len(rows), self.row_widths(segmented)(longest), segmented
 
     def batches_per_epoch(self) -> int:
         return len(self.order(0))
 
-    def epoch_cost(self) -> float:
-        """Model FLOPs of epoch 0's batches, as laid out (by `cost`)."""
+    def epoch_cost(self, bucketed: bool = True) -> float:
+        """Model FLOPs of epoch 0's batches, as laid out (by `cost`), at their bucketed
+        widths or (bucketed false) rounded to pad_multiple."""
         total = 0.0
         for batch in self.order(0):
             rows, segmented = self.rows(batch)
-            total += self.cost.of(rows, self.lengths, self.pad_multiple, segmented)
+            widths = self.row_widths(segmented) if bucketed else self.pad_multiple
+            total += self.cost.of(rows, self.lengths, widths, segmented)
         return total
 
     def describe(self) -> str:
         n = self.batches_per_epoch()
+        widths = f"; row widths: {self.widths.describe()}"
         if self.layout == "by_length":
-            return f"batches: {n} per epoch of {self.batch_size} length-grouped examples"
+            return f"batches: {n} per epoch of {self.batch_size} length-grouped examples{widths}"
         if self.layout == "random":
             return (f"batches: {n} per epoch of {self.batch_size} random examples, in rows "
-                    f"of up to {self.mix_row_len} tokens where that saves padding")
+                    f"of up to {self.mix_row_len} tokens where that saves padding{widths}")
         rows = sum(len(b) for b in self.order(0))
         return (f"batches: {n} per epoch of {self.batch_size} packed rows of up to "
-                f"{self.row_len} tokens ({len(self.examples) / max(rows, 1):.1f} examples a row)")
+                f"{self.row_len} tokens ({len(self.examples) / max(rows, 1):.1f} examples a "
+                f"row){widths}")
 
 
 def decide_packing(setting, unpacked: Batcher) -> bool:
@@ -123,7 +149,9 @@ def decide_packing(setting, unpacked: Batcher) -> bool:
         return setting
     packed = Batcher(unpacked.examples, unpacked.batch_size, unpacked.seed, unpacked.pad_id,
                      unpacked.pad_multiple, "packed", unpacked.row_len, cost=unpacked.cost)
-    return packed.epoch_cost() < 0.95 * unpacked.epoch_cost()
+    # On widths rounded to pad_multiple: data.shape_buckets never changes the layout (nor,
+    # with it, the batches and steps of an epoch).
+    return packed.epoch_cost(False) < 0.95 * unpacked.epoch_cost(False)
 
 
 def training_batches(examples: list, pairs: bool, data_cfg, train_cfg, pad_id: int,
@@ -137,14 +165,28 @@ def training_batches(examples: list, pairs: bool, data_cfg, train_cfg, pad_id: i
         return PairBatcher(examples, train_cfg.batch_size, train_cfg.seed, pad_id,
                            pad_multiple, by_length=grouped is not False)
     cost = RowCost(*layer_flops(model_config), skips_other_examples)
+    buckets = shape_buckets(data_cfg.shape_buckets)
     unpacked = Batcher(examples, train_cfg.batch_size, train_cfg.seed, pad_id, pad_multiple,
                        "by_length" if grouped else "random", data_cfg.max_seq_len,
                        mix_row_length(data_cfg.max_seq_len, train_cfg, skips_other_examples),
-                       cost)
+                       cost, buckets=buckets)
     if not decide_packing(data_cfg.packing, unpacked):
         return unpacked
     return Batcher(examples, train_cfg.batch_size, train_cfg.seed, pad_id, pad_multiple,
-                   "packed", data_cfg.max_seq_len, cost=cost)
+                   "packed", data_cfg.max_seq_len, cost=cost, buckets=buckets)
+
+
+# data.shape_buckets when unset: widths per doubling under each profile (see the key).
+DEFAULT_BUCKETS = {"gpu": 8, "cpu": 0}
+
+
+def shape_buckets(setting: int | None) -> int:
+    """data.shape_buckets as given, or (None) this profile's default."""
+    if setting is not None:
+        return setting
+    from mlxtune import backend
+
+    return DEFAULT_BUCKETS[backend.profile()]
 
 
 def mix_row_length(max_seq_len: int, train_cfg, skips_other_examples: bool) -> int:

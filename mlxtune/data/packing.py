@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mlxtune.data.batches import Widths, as_widths
 from mlxtune.data.encode import Example
 
 WINDOW = 512  # examples sorted together when filling rows; keeps epochs shuffled
@@ -68,11 +69,12 @@ def packed_batch_order(lengths: list[int], row_len: int, batch_size: int, seed: 
 
 
 def collate_packed(rows: list[list[Example]], pad_id: int,
-                   pad_multiple: int = 8) -> tuple[mx.array, mx.array, mx.array]:
+                   pad_multiple: int | Widths = 8) -> tuple[mx.array, mx.array, mx.array]:
     """tokens int32 [B, L], mask float32 [B, L], segments int32 [B, L]; padding gets
-    segment id -1 (its own block, never a target)."""
+    segment id -1 (its own block, never a target). L: the longest row rounded up to
+    pad_multiple, or a width of `Widths` (shape buckets)."""
     longest = max(sum(len(e.tokens) for e in row) for row in rows)
-    width = -(-longest // pad_multiple) * pad_multiple if pad_multiple > 1 else longest
+    width = as_widths(pad_multiple)(longest)
     tokens = np.full((len(rows), width), pad_id, dtype=np.int32)
     mask = np.zeros((len(rows), width), dtype=np.float32)
     segments = np.full((len(rows), width), -1, dtype=np.int32)
@@ -103,12 +105,13 @@ class RowCost:
     per_pair: float
     skips_other_examples: bool = False
 
-    def of(self, rows: list[list[int]], lengths: list[int], pad_multiple: int,
+    def of(self, rows: list[list[int]], lengths: list[int], pad_multiple: int | Widths,
            segmented: bool) -> float:
         """FLOPs of `rows` (lists of example indices) padded to the widest, rounded up to
-        pad_multiple; `segmented`: rows carry segment ids (a packed layout)."""
+        pad_multiple (or to a width of `Widths`); `segmented`: rows carry segment ids (a
+        packed layout)."""
         longest = max(sum(lengths[i] for i in row) for row in rows)
-        width = -(-longest // pad_multiple) * pad_multiple
+        width = as_widths(pad_multiple)(longest)
         pairs = 0.0
         for row in rows:
             if segmented and self.skips_other_examples:

@@ -43,10 +43,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memcal import CACHE, ROOT  # noqa: E402
-from memcal.fitting import fit, predict, write_coefficients  # noqa: E402
+from memcal.fitting import (  # noqa: E402
+    CPU_FITTED, SHARED, fit, guard_margins, predict, write_coefficients)
 from memcal.grid import config_for, grid  # noqa: E402
 from memcal.report import claims_table, describe, report, write_doc  # noqa: E402
-from memcal.storage import environment, load_measurements, save_measurements  # noqa: E402
+from memcal.storage import environment, load_measurements, record_measurement  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -74,10 +75,15 @@ def worker(spec: dict) -> dict:
 
 def measure(spec: dict) -> dict:
     CACHE.mkdir(parents=True, exist_ok=True)
-    # MLX's own exp / SwiGLU, not mlxtune.fastmath's CPU forms, and not mlxtune.native's
-    # kernels: the planner predicts for Metal and CUDA, which run MLX's ops (the CPU forms
-    # keep less; docs/memory.md). The stored fit was measured so.
-    env = {**os.environ, "MLXTUNE_FASTMATH": "0", "MLXTUNE_NATIVE": "0"}
+    # path "mlx" (the tiny grid's, the default): MLX's own exp / SwiGLU, not
+    # mlxtune.fastmath's CPU forms, and not mlxtune.native's kernels, the graph Metal and
+    # CUDA run. path "cpu": what `mlxtune run` runs here by default (docs/memory.md).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLXTUNE_FASTMATH", "MLXTUNE_NATIVE", "MLXTUNE_PROFILE")}
+    if spec.get("path", "mlx") == "mlx":
+        env.update(MLXTUNE_FASTMATH="0", MLXTUNE_NATIVE="0")
+    elif spec["path"] == "gpu":  # every choice as on a GPU (planned as Metal's graph)
+        env.update(MLXTUNE_PROFILE="gpu")
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                           capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode != 0:
@@ -88,7 +94,8 @@ def measure(spec: dict) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("fit", "check", "all"), default="all")
+    ap.add_argument("--part", choices=("fit", "check", "tiny-cpu", "fit-real", "real", "all"),
+                    default="all")
     ap.add_argument("--only", action="append", metavar="NAME")
     ap.add_argument("--remeasure", action="store_true",
                     help="Measure again configurations that already have a measurement.")
@@ -118,18 +125,32 @@ def main(argv=None) -> None:
             if e["name"] in measured and not args.remeasure:
                 continue
             got = measure(e)
-            measured[e["name"]] = {**got, "config": describe(e), "part": e["part"]}
-            stored["environment"] = env
-            save_measurements(stored)
+            stored = record_measurement(e["name"], {**got, "config": describe(e),
+                                                    "part": e["part"]}, env)
+            measured = stored["measurements"]
             p = predict(e)
             print(f"{e['name']:32s} measured {got['peak_gb']:.3f} GB  predicted "
                   f"{p['peak_gb']:.3f} GB  ({p['peak_gb'] / got['peak_gb'] - 1:+.1%})  "
                   f"{got['seconds']} s", flush=True)
     if args.fit:
+        from mlxtune.memory import calibration
+
         fit_entries = [e for e in grid() if e["part"] == "fit" and e["name"] in measured]
         result = fit(fit_entries, measured)
-        write_coefficients(result, stored.get("environment", env))
-        print(json.dumps(result["coefficients"], indent=1))
+        # The CPU kernels: MLX's counts, with those the kernels change refitted on the
+        # real-width entries (fitting.CPU_FITTED)
+        cpu_entries = [e for e in grid() if e["part"] == "fit-real" and e["name"] in measured]
+        cpu = (fit(cpu_entries, measured, start=result["coefficients"], free=CPU_FITTED)
+               if cpu_entries else None)
+        if cpu:
+            for k in SHARED:
+                result["coefficients"][k] = cpu["coefficients"][k]
+        margins = guard_margins(grid(), measured, {
+            "mlx": result["coefficients"],
+            "cpu": (cpu or {"coefficients": calibration.COEFFICIENTS_CPU})["coefficients"]})
+        write_coefficients(result, stored.get("environment", env), cpu, margins)
+        print(json.dumps({"mlx": result["coefficients"],
+                          "cpu": cpu and cpu["coefficients"]}, indent=1))
         return
     table, summary = report([e for e in grid() if e["name"] in measured], measured,
                             stored.get("environment", env))

@@ -345,7 +345,7 @@ def test_attention_scores_materialised_blockwise_or_fused():
     cfg = make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256})  # 255 positions
     mac = workload(cfg, s, "metal")
     assert mac.score_columns == 255  # every query against every key
-    cpu = workload(cfg, s, "cpu")
+    cpu = workload(cfg, s, "cpu", kernels="mlx")
     try:
         from mlxtune import attention
     except ImportError:
@@ -353,6 +353,15 @@ def test_attention_scores_materialised_blockwise_or_fused():
     if attention is not None and attention.BLOCK == 128:
         # a block of 128 queries sees 128 keys, the next 127 queries see 255
         assert cpu.score_columns == pytest.approx((128 * 128 + 127 * 255) / 255)
+    # mlxtune's CPU kernels: the native attention keeps no scores and no mask (float32);
+    # a bfloat16 step keeps the blockwise form
+    native = workload(cfg, s, "cpu", kernels="cpu")
+    assert native.native_attention and native.score_columns == 0
+    assert estimate(native).items["attention"] == 0
+    half = workload(make_cfg("x", model={"path": "x", "dtype": "bfloat16"},
+                             data={"train": "x.jsonl", "max_seq_len": 256}), s, "cpu",
+                    kernels="cpu")
+    assert not half.native_attention and half.score_columns == cpu.score_columns
     fused = workload(cfg, s, "metal", attention="fused")
     assert fused.score_columns == 0 and estimate(fused).items["attention"] == 0
     # MLX's causal mask when materialised: positions^2 booleans
@@ -364,15 +373,27 @@ def test_logits_full_or_chunked_and_the_packing_mask():
 
     s = shape(vocab_size=1000)
     small = workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 512},
-                              train={"batch_size": 4, "loss_chunk": 2048}), s, "cpu")
+                              train={"batch_size": 4, "loss_chunk": 2048}), s, "cpu",
+                     kernels="mlx")
     assert small.tokens == 4 * 511 and not small.chunked
     assert features(small)["logits"] == 4 * 511 * 1000 * 4  # float32
     big = workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 1024},
-                            train={"batch_size": 4}), s, "cpu")
+                            train={"batch_size": 4}), s, "cpu", kernels="mlx")
     assert big.chunked and features(big)["logits_chunked"] == 4 * 1023 * 1000 * 4
     never = workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 1024},
                               train={"batch_size": 4, "loss_chunk": 0}), s, "cpu")
-    assert not never.chunked
+    assert not never.chunked and not never.cpu_loss
+    assert features(never)["logits"] == 4 * 1023 * 1000 * 4
+    # mlxtune's CPU kernels, whatever the batch: the native cross-entropy's scratch
+    # (min(256, 64 MB / 4V) rows of V logits and two hidden-sized rows) in float32,
+    # fastmath's 64 positions of logits in bfloat16
+    for cfg in (small, big):
+        for dtype, scratch in (("float32", 256 * (1000 + 2 * 64) * 4), ("bfloat16", 64 * 1000 * 4)):
+            fast = workload(make_cfg("x", model={"path": "x", "dtype": dtype},
+                                     data={"train": "x.jsonl", "max_seq_len": cfg.width},
+                                     train={"batch_size": 4}), s, "cpu", kernels="cpu")
+            f = features(fast)
+            assert f["logits_cpu"] == scratch and f["logits"] == f["logits_chunked"] == 0
     packed = workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256,
                                           "packing": True}, train={"batch_size": 3}), s, "cpu")
     assert estimate(packed).items["packing mask"] == 3 * 255 * 255
@@ -512,7 +533,11 @@ def test_run_refuses_a_plan_that_does_not_fit_and_can_be_told_to_try(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_start_event_carries_the_planned_peak(tmp_path, tiny_model_dir):
+def test_start_event_carries_the_planned_peak(tmp_path, tiny_model_dir, monkeypatch):
+    # MLX's ops, whose counts were fitted on models this small; mlxtune's CPU kernels add
+    # a few MB that their counts, fitted at real sizes, do not plan (docs/memory.md)
+    monkeypatch.setenv("MLXTUNE_FASTMATH", "0")
+    monkeypatch.setenv("MLXTUNE_NATIVE", "0")
     from mlxtune import config
     from mlxtune.run import run
     from mlxtune.train.events import read_events
@@ -587,3 +612,147 @@ def test_a_starting_adapter_sets_the_rank_and_dpo_keeps_a_frozen_copy(tmp_path):
     dpo = workload(make_cfg("x", model={"path": "x", "adapter": str(folder)},
                             objective={"type": "dpo"}), s, "metal")
     assert estimate(dpo).items["LoRA adapter"] == 2 * estimate(sft).items["LoRA adapter"]
+
+
+def test_the_guard_adds_the_measured_margin(monkeypatch):
+    """mlxtune run's guard refuses a plan whose peak fits only without the planner's
+    margin (its largest measured under-prediction), and passes it with the margin at 0."""
+    from mlxtune import memory
+    from mlxtune.memory import calibration
+
+    cfg = make_cfg(str(ROOT / "tests"), data={"train": "x.jsonl", "max_seq_len": 256})
+    s = shape()
+    monkeypatch.setattr(memory, "resolve_shape", lambda _m: s)
+    peak = memory.fit(cfg, memory.tiers_mod.this_machine(), s, with_hints=False).peak_gb
+    kernels = memory.fit(cfg, memory.tiers_mod.this_machine(), s,
+                         with_hints=False).breakdown.workload.kernels
+    usable = peak * 1.05  # fits, and is not even tight... without a 10% margin
+    monkeypatch.setitem(calibration.GUARD_MARGIN, kernels, 0.10)
+    with pytest.raises(memory.MemoryPlanError, match="10% margin"):
+        memory.guard(cfg, usable_gb=usable, hints=False)
+    monkeypatch.setitem(calibration.GUARD_MARGIN, kernels, 0.0)
+    assert memory.guard(cfg, usable_gb=usable, hints=False).peak_gb == pytest.approx(peak)
+
+
+def test_grpo_plans_the_groups_and_the_rollout(monkeypatch):
+    """grpo: a step trains prompts x group_size rows; the rollout before it holds the KV
+    cache of every row (prompt + completion, every layer, keys and values, with room for
+    the decoder's compaction copy) and the sampling's [rows, vocab] arrays; the peak is the
+    larger of the two, and mlxtune run's guard refuses a rollout that does not fit."""
+    from mlxtune import memory
+    from mlxtune.memory.estimate import CACHE_COMPACTION, estimate, workload
+
+    s = shape(vocab_size=1000)
+    grpo = {"type": "grpo", "group_size": 8, "max_completion_tokens": 64, "top_p": 0.9,
+            "rewards": [{"name": "json_valid"}]}
+    cfg = make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256},
+                   train={"batch_size": 4}, objective=grpo)
+    w = workload(cfg, s, "metal")
+    assert w.grpo and w.rows == w.rollout_rows == 32 and w.completion_tokens == 64
+    b = estimate(w)
+    kv = 32 * 255 * s.num_layers * 2 * s.kv_dim * 2 * CACHE_COMPACTION  # bfloat16
+    sampling = 32 * 1000 * 4 * 4  # logits, probabilities, sorted, cumulative (top_p < 1)
+    resident = sum(b.items[k] for k in ("base weights", "LoRA adapter", "optimizer state"))
+    assert b.rollout > resident + kv + sampling
+    assert b.peak == max(sum(b.items.values()), b.rollout)
+    sft = estimate(workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256,
+                                                "group_by_length": True},
+                                     train={"batch_size": 32}), s, "metal"))
+    assert sum(b.items.values()) == pytest.approx(sum(sft.items.values()))  # same rows
+    # beta > 0 (or several iterations per rollout): a scoring pass before the step
+    assert b.reference_pass is None
+    scored = estimate(workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256},
+                                        train={"batch_size": 4},
+                                        objective={**grpo, "beta": 0.04}), s, "metal"))
+    assert scored.reference_pass is not None
+    # a long rollout on a small machine: refused before anything loads
+    big = make_cfg(str(ROOT / "tests"), data={"train": "x.jsonl", "max_seq_len": 8192},
+                   train={"batch_size": 16},
+                   objective={**grpo, "group_size": 16, "max_completion_tokens": 4096})
+    monkeypatch.setattr(memory, "resolve_shape", lambda _m: shape(vocab_size=50000))
+    here = memory.fit(big, memory.tiers_mod.this_machine(), shape(vocab_size=50000),
+                      with_hints=False)
+    assert here.breakdown.rollout > 0
+    with pytest.raises(memory.MemoryPlanError):
+        memory.guard(big, usable_gb=here.breakdown.rollout / 1e9 * 0.9, hints=False)
+
+
+def test_this_machine_is_planned_with_the_kernels_a_run_takes(monkeypatch):
+    """The CPU profile with fastmath on and the native kernels expected: mlxtune's CPU
+    kernels and their counts; MLXTUNE_FASTMATH=0, the kernels unavailable, the GPU
+    profile or a Mac: MLX's ops."""
+    from mlxtune import native
+    from mlxtune.memory import calibration
+    from mlxtune.memory.estimate import coefficients_for, workload
+    from mlxtune.memory.workload import cpu_kernels
+
+    cfg = make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256})
+    monkeypatch.delenv("MLXTUNE_FASTMATH", raising=False)
+    monkeypatch.setattr(native, "expected", lambda: True)
+    assert cpu_kernels("cpu") == "cpu" and cpu_kernels("metal") == "mlx"
+    w = workload(cfg, shape(), "cpu")
+    assert w.kernels == "cpu" and coefficients_for(w) is calibration.COEFFICIENTS_CPU
+    monkeypatch.setattr(native, "expected", lambda: False)
+    assert cpu_kernels("cpu") == "mlx"
+    monkeypatch.setattr(native, "expected", lambda: True)
+    monkeypatch.setenv("MLXTUNE_FASTMATH", "0")
+    assert cpu_kernels("cpu") == "mlx"
+    monkeypatch.delenv("MLXTUNE_FASTMATH")
+    monkeypatch.setenv("MLXTUNE_PROFILE", "gpu")
+    assert cpu_kernels("cpu") == "mlx"
+    assert coefficients_for(workload(cfg, shape(), "metal")) is calibration.COEFFICIENTS
+    with pytest.raises(ValueError, match="kernels"):
+        workload(cfg, shape(), "cpu", kernels="fast")
+
+
+def test_cpu_kernels_count_a_quantized_head_once_and_gelu_mlps():
+    """On the CPU kernels a quantized tied head is one [vocab, hidden] float32 copy for
+    the loss (head_dense), not among the blocks' dequantized copies; a GELU MLP (Gemma)
+    keeps its own count of [positions, ffn] arrays per adapted block, SwiGLU none."""
+    from mlxtune.memory.estimate import features, workload
+
+    q4 = {"format": "affine", "bits": 4, "group_size": 64}
+    s = shape(vocab_size=4096, hidden_size=256, intermediate_size=512, num_heads=4,
+              head_dim=64)
+    cfg = make_cfg("x", model={"path": "x", "quantize": q4},
+                   data={"train": "x.jsonl", "max_seq_len": 256})
+    f = features(workload(cfg, s, "cpu", kernels="cpu"))
+    assert f["head_dense"] == 4096 * 256 * 4
+    assert f["dequant_max"] == 512 * 256 * 4  # the largest block matrix, not the head
+    mlx = features(workload(cfg, s, "cpu", kernels="mlx"))
+    assert mlx["head_dense"] == 0 and mlx["dequant_max"] == 4096 * 256 * 4
+    plain = make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256})
+    assert features(workload(plain, s, "cpu", kernels="cpu"))["saved_gelu"] == 0
+    gemma = features(workload(plain, shape(model_type="gemma3_text", vocab_size=4096,
+                                           hidden_size=256, intermediate_size=512,
+                                           num_heads=4, head_dim=64), "cpu", kernels="cpu"))
+    assert gemma["saved_gelu"] == 2 * (4 * 255) * 4 * 512  # blocks x tokens x bytes x ffn
+
+
+def test_a_checkpointed_cpu_step_holds_one_of_its_two_phases():
+    """The CPU kernels' checkpointed step: the loss phase (the quantized head's copy) and
+    the recomputation phase do not overlap; the estimate counts the larger alone."""
+    from mlxtune.memory.calibration import COEFFICIENTS_CPU
+    from mlxtune.memory.estimate import (LOSS_PHASE, RECOMPUTE_PHASE, estimate, features,
+                                         fixed_bytes, workload)
+
+    q4 = {"format": "affine", "bits": 4, "group_size": 64}
+    s = shape(vocab_size=32768, hidden_size=256, intermediate_size=512, num_heads=4,
+              head_dim=64)
+    cfg = make_cfg("x", model={"path": "x", "quantize": q4},
+                   data={"train": "x.jsonl", "max_seq_len": 256},
+                   train={"grad_checkpoint": True})
+    w = workload(cfg, s, "cpu", kernels="cpu")
+    f, c = features(w), COEFFICIENTS_CPU
+    loss = sum(c[k] * f[k] for k in LOSS_PHASE)
+    recompute = sum(c[k] * f[k] for k in RECOMPUTE_PHASE)
+    assert loss > 0 and recompute > 0
+    everything = sum(fixed_bytes(w).values()) + sum(c[k] * v for k, v in f.items())
+    assert sum(estimate(w).items.values()) == pytest.approx(everything - min(loss, recompute))
+    no_ckpt = workload(make_cfg("x", model={"path": "x", "quantize": q4},
+                                data={"train": "x.jsonl", "max_seq_len": 256}), s, "cpu",
+                       kernels="cpu")
+    f2 = features(no_ckpt)
+    b = estimate(no_ckpt)
+    assert b.items["logits and loss"] == pytest.approx(
+        sum(c[k] * f2[k] for k in ("logits", "logits_chunked") + LOSS_PHASE))

@@ -867,6 +867,9 @@ def test_plan_view_verdicts_follow_the_knobs(tmp_path):
 
 def test_snapshot_plan_view(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # "this machine" planned with mlxtune's CPU kernels wherever the test runs
+    monkeypatch.setattr("mlxtune.native.expected", lambda: True)
+    monkeypatch.delenv("MLXTUNE_FASTMATH", raising=False)
     write_plan_config(tmp_path)
     app = make_app(Path("llama8b.yaml"), Path("runs"))
 

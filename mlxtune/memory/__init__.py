@@ -97,11 +97,15 @@ class Plan:
             "tier_details": {f.machine.name: f.to_dict() for f in self.tiers},
             "this_machine": {**self.here.to_dict(),
                              "compute_dtype": self.here.breakdown.workload.dtype,
+                             "kernels": self.here.breakdown.workload.kernels,
                              "breakdown": self.here.breakdown.gb()},
             "assumptions": describe_assumptions(mac.workload),
         }
         if mac.reference_pass is not None:
             out["reference_pass_gb"] = round(mac.reference_pass / 1e9, 3)
+        if mac.rollout is not None:
+            out["rollout_gb"] = round(mac.rollout / 1e9, 3)
+            out["this_machine"]["rollout_gb"] = round(self.here.breakdown.rollout / 1e9, 3)
         return out
 
 
@@ -136,14 +140,21 @@ def plan(cfg, ranks: int = 1, usable_gb: float | None = None,
 
 def guard(cfg, ranks: int = 1, usable_gb: float | None = None, hints: bool = True) -> Fit:
     """mlxtune run's check: the plan for this machine, or MemoryPlanError when the
-    predicted peak exceeds what this machine lets MLX use."""
+    predicted peak, raised by the planner's margin (calibration.GUARD_MARGIN: the largest
+    under-prediction measured on held-out configurations of these kernels), exceeds what
+    this machine lets MLX use."""
+    from mlxtune.memory.calibration import GUARD_MARGIN
+
     shape = resolve_shape(cfg.model)
     here = fit(cfg, tiers_mod.this_machine(usable_gb), shape, ranks, with_hints=hints)
-    if here.verdict == "no":
+    margin = GUARD_MARGIN.get(here.breakdown.workload.kernels, 0.0)
+    guarded = here.peak_gb * (1 + margin)
+    if here.verdict == "no" or guarded > here.machine.usable_gb:
         hint = f"; {here.hint.text}" if here.hint else ""
         raise MemoryPlanError(
-            f"{cfg.source or '<config>'}: predicted peak {here.peak_gb:.1f} GB per rank exceeds "
-            f"this machine's {here.machine.usable_gb:.1f} GB ({here.machine.rule}){hint}; "
+            f"{cfg.source or '<config>'}: predicted peak {here.peak_gb:.1f} GB per rank "
+            f"({guarded:.1f} GB with the planner's {margin:.0%} margin) exceeds this "
+            f"machine's {here.machine.usable_gb:.1f} GB ({here.machine.rule}){hint}; "
             "see `mlxtune plan`, or run with --ignore-memory-plan to try anyway")
     return here
 

@@ -2,8 +2,11 @@
 
 Each value multiplies one of estimate.features() (bytes of one array of that kind), so
 it reads "how many such arrays MLX holds at the peak of a training step" (framework:
-megabytes). Fitted on the `fit` part of the grid only, measured with MLX 0.32.4 on the
-cpu backend (Linux x86_64); docs/memory.md checks them on the rest.
+megabytes). COEFFICIENTS: the ops of MLX (Metal, CUDA, the CPU without the
+kernels of mlxtune), fitted on the `fit` part of the grid; COEFFICIENTS_CPU: the CPU
+kernels of mlxtune (fastmath, native): the same counts, those the kernels change
+refitted on `fit-real`. Measured with MLX 0.32.4 on the
+cpu backend (Linux x86_64); docs/memory.md checks them on the held-out parts.
 """
 
 COEFFICIENTS = {
@@ -18,11 +21,53 @@ COEFFICIENTS = {
     "work_att": 0.0,
     "logits": 3.901,
     "logits_chunked": 1.116,
+    "logits_cpu": 0.0,
+    "head_dense": 0.0,
+    "ckpt_block": 0.0,
+    "saved_gelu": 3.465,
     "dequant_max": 3.177,
     "dequant_all": 0.214,
     "dequant_own": 0.0,
     "dequant_max_ckpt": 2.438,
     "dequant_all_ckpt": 0.0,
+    "dequant_own_ckpt": 0.0,
+    "dequant_block": 0.0,
+    "dequant_block_ckpt": 0.0,
+    "ckpt_own": 0.0,
+    "saved_dora": 1.36,
+    "full_update": 1.84,
+    "framework": 0.951,
+    "reference": 1.0,
+    "cpu_half_bytes": 4.07,
+}
+
+# The CPU kernels of mlxtune (fastmath, native): the counts above with
+# scripts/memcal/fitting.CPU_FITTED refitted on the `fit-real` part
+COEFFICIENTS_CPU = {
+    "saved_d": 0.825,
+    "saved_qkv": 1.498,
+    "saved_ffn": 4.19,
+    "saved_lora": 0.421,
+    "saved_att": 1.391,
+    "ckpt_d": 0.772,
+    "work_d": 12.828,
+    "work_ffn": 6.119,
+    "work_att": 0.0,
+    "logits": 3.901,
+    "logits_chunked": 1.116,
+    "logits_cpu": 0.727,
+    "head_dense": 1.82,
+    "ckpt_block": 10.688,
+    "saved_gelu": 3.465,
+    "dequant_max": 0.0,
+    "dequant_all": 0.0,
+    "dequant_own": 0.0,
+    "dequant_max_ckpt": 0.0,
+    "dequant_all_ckpt": 0.0,
+    "dequant_own_ckpt": 0.0,
+    "dequant_block": 0.274,
+    "dequant_block_ckpt": 0.365,
+    "ckpt_own": 1.0,
     "saved_dora": 1.36,
     "full_update": 1.84,
     "framework": 0.951,
@@ -79,3 +124,26 @@ FITTED_ON = (
     "fit-vocab32k-6l",
     "fit-vocab512-6l",
 )
+
+FITTED_ON_CPU = (
+    "fitr-g1b-6l",
+    "fitr-l1b-10l-ckpt-b1x2048",
+    "fitr-l1b-4l-b1x2048",
+    "fitr-l1b-4l-ckpt-b1x2048",
+    "fitr-l1b-4l-dpo",
+    "fitr-l1b-4l-q4",
+    "fitr-q15-2l",
+    "fitr-q15-2l-q4",
+    "fitr-q15-2l-q4-ckpt",
+    "fitr-q15-4l-b2x1024",
+    "fitr-q15-4l-ckpt",
+    "fitr-q15-4l-nf4",
+    "fitr-q15-4l-q4",
+    "fitr-q15-6l",
+    "fitr-q15-6l-q4-ckpt",
+    "fitr-q3b-4l-nf4-ckpt",
+)
+
+# The margin `mlxtune run` adds to the plan: the largest under-prediction measured on
+# held-out configurations of each kind of kernels (scripts/memcal/fitting.guard_margins).
+GUARD_MARGIN = {"mlx": 0.02, "cpu": 0.11}

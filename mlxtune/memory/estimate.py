@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlxtune.memory.calibration import COEFFICIENTS
+from mlxtune.memory.calibration import COEFFICIENTS, COEFFICIENTS_CPU
 from mlxtune.memory.workload import (  # noqa: F401  (the planner's API, re-exported)
     DTYPE_BYTES, HEAD_FAMILIES, PAD_MULTIPLE, Workload, block_index, micro_rows,
     resolve_targets, workload)
@@ -58,12 +58,18 @@ ITEMS = ("base weights", "LoRA adapter", "gradients", "optimizer state", "activa
 # ----------------------------------------------------------------------------- features
 
 
+def coefficients_for(w: Workload) -> dict:
+    """The fitted counts of the kernels `w` computes with: MLX's ops (Metal, CUDA, and
+    the CPU without mlxtune's kernels) or mlxtune's CPU kernels."""
+    return COEFFICIENTS_CPU if w.kernels == "cpu" else COEFFICIENTS
+
+
 def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
     """Sizes in bytes that the fitted COEFFICIENTS multiply: one copy of each kind of
     array the step holds (see the module docstring). Shared by the estimate and by
     scripts/calibrate_memory.py, which fits the coefficients."""
     s = w.shape
-    N, c = w.tokens, w.activation_bytes(coefficients)
+    N, c = w.tokens, w.activation_bytes(coefficients or coefficients_for(w))
     n = w.adapted_layers
     lora_out = sum(o for _, _, o in w.lora_modules)
     lora_r = w.rank * len(w.lora_modules)
@@ -77,16 +83,28 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
         # The working set of the block whose backward runs.
         "work_d": N * c * s.hidden_size, "work_ffn": N * c * s.intermediate_size,
         "work_att": N * c * att,
-        # Logits and cross-entropy (float32): whole, or in chunks.
-        "logits": 0.0, "logits_chunked": 0.0,
+        # Logits and cross-entropy (float32): whole, or in chunks; on the CPU kernels
+        # FAST_CHUNK positions at a time, and a quantized head dequantized once for them.
+        "logits": 0.0, "logits_chunked": 0.0, "logits_cpu": 0.0, "head_dense": 0.0,
+        # CPU kernels: the checkpointed block recomputed for its backward pass
+        "ckpt_block": 0.0,
+        # MLPs with a GELU (Gemma's, StarCoder2's) instead of SwiGLU: what the activation
+        # keeps beyond SwiGLU's arrays
+        "saved_gelu": 0.0,
         # Dense copies of quantized layers on the CPU path.
         "dequant_max": 0.0, "dequant_all": 0.0, "dequant_own": 0.0,
-        "dequant_max_ckpt": 0.0, "dequant_all_ckpt": 0.0,
+        "dequant_max_ckpt": 0.0, "dequant_all_ckpt": 0.0, "dequant_own_ckpt": 0.0,
+        "dequant_block": 0.0, "dequant_block_ckpt": 0.0, "ckpt_own": 0.0,
         # DoRA: each adapted layer's output before its magnitude scaling, kept for the
         # magnitudes' gradient (per adapted block, like the saved_* above).
         "saved_dora": 0.0,
         "framework": 1e6,
     }
+    if s.model_type in GELU_MLPS:
+        # a GELU MLP keeps the activation's composed intermediates (MLX's ops on every
+        # backend: fastmath replaces SwiGLU only), [positions, ffn] each
+        per_gelu = N * c * s.intermediate_size
+        f["saved_gelu"] = (n if not w.grad_checkpoint else 1) * per_gelu
     per_block = {"saved_d": N * c * s.hidden_size,
                  "saved_qkv": N * c * (s.q_dim + 2 * s.kv_dim),
                  "saved_ffn": N * c * s.intermediate_size,
@@ -99,13 +117,21 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
         f["saved_dora"] = kept * N * c * lora_out
     if w.grad_checkpoint:
         f["ckpt_d"] = n * N * c * s.hidden_size
-    head = N * s.vocab_size * 4.0
-    if w.chunked:
-        f["logits_chunked"] = head
+    if w.grad_checkpoint:
+        # the block being recomputed and its backward: the main arrays of one block
+        f["ckpt_block"] = N * c * (s.hidden_size + s.q_dim + 2 * s.kv_dim + s.intermediate_size)
+    head = w.head_weight() if w.cpu_loss else None
+    if w.cpu_loss:
+        f["logits_cpu"] = cpu_loss_scratch(w)
+        if head is not None and head.quantized:
+            f["head_dense"] = head.rows * head.cols * 4.0
+    elif w.chunked:
+        f["logits_chunked"] = N * s.vocab_size * 4.0
     else:
-        f["logits"] = head
+        f["logits"] = N * s.vocab_size * 4.0
     if w.backend == "cpu":  # dense copies of quantized matrices for BLAS (mlxtune.quant)
-        q = [x for x in w.weights if x.quantized]
+        # (the head's own copy is head_dense where the CPU kernels' loss takes it)
+        q = [x for x in w.weights if x.quantized and x is not head]
         if q:
             # With checkpointing the blocks' copies are made again, one block at a time,
             # and MLX holds a different number of them: counted apart.
@@ -115,19 +141,55 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
                                          and x.format.kind == "affine") * w.compute_bytes
             # MLX's affine layers dequantize in one op; mlxtune's own formats (nf4,
             # q6_k) build theirs from several float32 arrays (quant.layouts).
-            f["dequant_own"] = sum(x.rows * x.cols for x in q if x.kind == "linear"
-                                   and x.format.kind != "affine") * w.compute_bytes
+            f["dequant_own" + tag] = sum(x.rows * x.cols for x in q if x.kind == "linear"
+                                         and x.format.kind != "affine") * w.compute_bytes
+            # One block's quantized layers, dense: what the CPU kernels' counts take
+            # instead of every block's (a step holds the copies of the few blocks MLX has
+            # scheduled ahead, not of the whole model: measured at 2-28 blocks)
+            if w.grad_checkpoint:
+                # mlxtune's own formats under checkpointing: an array of each stored
+                # layer's size (measured: NF4 bases hold about their own size again;
+                # MLX's affine layers do not)
+                f["ckpt_own"] = float(sum(x.nbytes for x in q if x.kind == "linear"
+                                          and x.format.kind != "affine"))
+            blocks = {block_index(x.name) for x in q if x.kind == "linear"} - {None}
+            f["dequant_block" + tag] = (sum(x.rows * x.cols for x in q if x.kind == "linear")
+                                        * w.compute_bytes / max(len(blocks), 1))
     return f
 
+
+FAST_CHUNK = 64  # mlxtune.forward.FAST_CHUNK: positions per chunk of the CPU kernels' loss
+# mlx_lm families whose MLP activation is a GELU (exact or tanh-approximated), not SwiGLU.
+GELU_MLPS = {"gemma", "gemma2", "gemma3_text", "gemma3", "starcoder2"}
+# Families whose head has a final soft cap or scaling: the native cross-entropy does not
+# take them (mlxtune.forward._native_head_weight), fastmath's chunks do.
+_SCALED_HEADS = {"gemma2", "granite"}
+
+
+def cpu_loss_scratch(w: Workload) -> float:
+    """Bytes of one chunk of the CPU kernels' loss: the native cross-entropy's scratch
+    buffer (mlxtune/native/cross_entropy.cpp: chunk_rows(V) rows of V logits and two
+    hidden-sized rows, at most 64 MB of logits) where it takes the head (float32, no
+    final scaling), else fastmath's [FAST_CHUNK, V] logits."""
+    V, d = w.shape.vocab_size, w.shape.hidden_size
+    if w.compute_bytes == 4 and w.shape.model_type not in _SCALED_HEADS:
+        rows = max(8, min(256, (64 << 20) // (4 * V)))
+        return rows * (V + 2 * d) * 4.0
+    return min(w.tokens, FAST_CHUNK) * V * 4.0
 
 # Which report item each fitted feature belongs to.
 _ITEM_OF = {"saved_d": "activations", "saved_qkv": "activations", "saved_ffn": "activations",
             "saved_lora": "activations", "ckpt_d": "activations", "work_d": "activations",
             "work_ffn": "activations", "saved_att": "attention", "work_att": "attention",
             "logits": "logits and loss", "logits_chunked": "logits and loss",
+            "logits_cpu": "logits and loss", "head_dense": "logits and loss",
+            "ckpt_block": "activations", "saved_gelu": "activations",
             "dequant_max": "dequantization (CPU)", "dequant_all": "dequantization (CPU)",
             "dequant_own": "dequantization (CPU)", "dequant_max_ckpt": "dequantization (CPU)",
             "dequant_all_ckpt": "dequantization (CPU)",
+            "dequant_own_ckpt": "dequantization (CPU)",
+            "dequant_block": "dequantization (CPU)", "dequant_block_ckpt": "dequantization (CPU)",
+            "ckpt_own": "dequantization (CPU)",
             "saved_dora": "activations",
             "framework": "framework"}
 
@@ -137,11 +199,12 @@ class Breakdown:
     workload: Workload
     items: dict[str, float]          # item -> bytes (they sum to `peak`)
     reference_pass: float | None     # dpo: peak of the reference forward pass, bytes
+    rollout: float | None = None     # grpo: peak of sampling the rollout, bytes
 
     @property
     def peak(self) -> float:
         step = sum(self.items.values())
-        return max(step, self.reference_pass or 0.0)
+        return max(step, self.reference_pass or 0.0, self.rollout or 0.0)
 
     def gb(self) -> dict[str, float]:
         return {k: round(v / 1e9, 3) for k, v in self.items.items() if v}
@@ -171,7 +234,7 @@ def fixed_bytes(w: Workload) -> dict[str, float]:
     items["LoRA adapter"] = float(adapter * 4)
     items["gradients"] = float(p * 4 * (2 if w.grad_accumulation > 1 else 1))
     items["optimizer state"] = float(p * 4 * w.optimizer_states)
-    if w.attention == "materialised" and not w.blockwise:
+    if w.attention == "materialised" and not w.blockwise and not w.native_attention:
         items["attention"] += float(L * L)  # MLX's causal mask: [positions, positions] bools
     if w.packed:
         items["packing mask"] = float(w.rows * L * L)
@@ -181,17 +244,40 @@ def fixed_bytes(w: Workload) -> dict[str, float]:
     return items
 
 
+# With mlxtune's CPU kernels and checkpointing, two phases of the step do not overlap:
+# the loss (the head's float32 copy and the loss's scratch, freed once the native kernel
+# has computed the hidden states' gradient beside the loss) and the recomputation of a
+# checkpointed block for its backward pass; the step holds the larger of the two.
+LOSS_PHASE = ("logits_cpu", "head_dense")
+RECOMPUTE_PHASE = ("ckpt_block", "dequant_max_ckpt", "dequant_block_ckpt")
+
+
+def phase_overlap(w: Workload, f: dict, coef: dict) -> tuple[str, float]:
+    """(the phase the step does not hold at its peak, its bytes) where the CPU kernels'
+    checkpointed step has two phases, else ("", 0)."""
+    if w.kernels != "cpu" or not w.grad_checkpoint:
+        return "", 0.0
+    loss = sum(coef[k] * f[k] for k in LOSS_PHASE)
+    recompute = sum(coef[k] * f[k] for k in RECOMPUTE_PHASE)
+    return ("loss", loss) if loss <= recompute else ("recompute", recompute)
+
+
 def estimate(w: Workload, coefficients: dict | None = None) -> Breakdown:
-    coef = COEFFICIENTS if coefficients is None else coefficients
+    coef = coefficients_for(w) if coefficients is None else coefficients
     items = fixed_bytes(w)
-    for name, value in features(w, coef).items():
+    f = features(w, coef)
+    smaller, _ = phase_overlap(w, f, coef)
+    for name, value in f.items():
+        if (smaller == "loss" and name in LOSS_PHASE) or \
+                (smaller == "recompute" and name in RECOMPUTE_PHASE):
+            continue  # not alive at the step's peak
         items[_ITEM_OF[name]] += coef[name] * value
     if w.full_finetune:
         items["optimizer state"] += update_excess(w, items, coef)
     ref = None
     if w.reference_pass:
         ref = reference_pass_bytes(w, coef)
-    return Breakdown(w, items, ref)
+    return Breakdown(w, items, ref, rollout_bytes(w, coef) if w.grpo else None)
 
 
 RESIDENT = ("base weights", "LoRA adapter", "gradients", "optimizer state")
@@ -216,8 +302,39 @@ def reference_pass_bytes(w: Workload, coef: dict) -> float:
     f = features(w, coef)
     resident = sum(items[k] for k in ("base weights", "LoRA adapter", "optimizer state"))
     act = sum(coef[k] * f[k] for k in f if _ITEM_OF[k] in ("activations", "attention"))
-    head = coef["logits"] * (f["logits"] + f["logits_chunked"])
+    head = (coef["logits"] * (f["logits"] + f["logits_chunked"])
+            + coef["logits_cpu"] * f["logits_cpu"] + coef["head_dense"] * f["head_dense"])
     return resident + coef["reference"] * act + head + coef["framework"] * f["framework"]
+
+
+# Sampling's [rows, vocab] float32 arrays alive at once: the logits and the probabilities;
+# with top_p < 1 also the sorted probabilities and their cumulative sum.
+SAMPLING_COPIES = {False: 2, True: 4}
+# mlxtune.decode drops finished rows from its cache (a copy of the rest) only when they
+# are a quarter of the batch: the copy holds at most 3/4 of the cache beside it.
+CACHE_COMPACTION = 1.75
+
+
+def rollout_bytes(w: Workload, coef: dict) -> float:
+    """grpo: the peak of sampling a rollout (mlxtune.decode, before the step), counted
+    from what the decoder allocates rather than fitted: the resident state (weights,
+    adapter, optimizer state); the KV cache preallocated for every row's prompt and
+    completion (keys and values of every layer in the compute dtype), with room for
+    the copy that drops finished rows; the sampling's [rows, vocab] float32 arrays; and
+    the prompts' prefill (each distinct prompt once) through one block at a time, with the
+    step's fitted working-set counts over the prompt tokens."""
+    s, c = w.shape, w.activation_bytes(coef)
+    items = fixed_bytes(w)
+    resident = sum(items[k] for k in ("base weights", "LoRA adapter", "optimizer state"))
+    rows, length = w.rollout_rows, w.positions
+    kv = rows * length * s.num_layers * 2 * s.kv_dim * w.compute_bytes * CACHE_COMPACTION
+    sampling = rows * s.vocab_size * 4.0 * SAMPLING_COPIES[w.top_p < 1]
+    prompt_tokens = (rows // max(w.group_size, 1)) * max(length - w.completion_tokens, 1)
+    prefill = prompt_tokens * c * (coef["work_d"] * s.hidden_size
+                                   + coef["work_ffn"] * s.intermediate_size)
+    f = features(w, coef)
+    dequant = sum(coef[k] * f[k] for k in ("dequant_max", "dequant_max_ckpt"))
+    return resident + kv + sampling + prefill + dequant + coef["framework"] * f["framework"]
 
 
 def describe_assumptions(w: Workload) -> list[str]:
@@ -230,7 +347,8 @@ def describe_assumptions(w: Workload) -> list[str]:
                    f"linear layers of the last {w.adapted_layers} of {s.num_layers} blocks")
     out = [
         f"{w.rows} rows x {w.width} tokens per micro-batch on each rank"
-        + (" (pairs: chosen and rejected rows)" if w.objective != "sft" else "")
+        + (" (completions: prompts x objective.group_size)" if w.grpo else
+           " (pairs: chosen and rejected rows)" if w.objective != "sft" else "")
         + "; every row as long as data.max_seq_len (the worst case)",
         f"compute dtype {w.dtype} on the {w.backend} backend",
         adapter,
@@ -240,6 +358,26 @@ def describe_assumptions(w: Workload) -> list[str]:
         ("logits and loss in chunks of %d positions" % w.loss_chunk) if w.chunked
         else "logits and loss over all positions at once",
     ]
-    if w.reference_pass:
+    if w.objective == "dpo":
         out.append("dpo: the reference policy's forward pass runs before each step")
+    if w.grpo:
+        out.append(f"grpo: {w.rollout_rows} completions ({w.rollout_rows // w.group_size} "
+                   f"prompts x {w.group_size}) sampled at once, up to {w.completion_tokens} "
+                   "tokens each, the prompt and completion within data.max_seq_len; the KV "
+                   "cache and sampling counted from what the decoder allocates"
+                   + ("; a no-gradient pass scores the rollout before the step"
+                      if w.scored_before_step else ""))
     return out + list(w.notes)
+
+
+def describe_kernels(w: Workload) -> str:
+    """Which kernels the step is planned with, for the plan's text."""
+    if w.kernels == "cpu":
+        return ("mlxtune's CPU kernels (fastmath's SwiGLU and loss, 64 positions of logits at "
+                "a time; the native attention" + (", no scores kept" if w.native_attention
+                                                  else " only in float32") + ")")
+    if w.backend == "cpu":
+        return ("MLX's ops (MLXTUNE_FASTMATH=0, the GPU profile, or mlxtune's CPU kernels "
+                "unavailable: an upper bound where they would run)")
+    return "MLX's ops"
+

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mlxtune.memory.estimate import describe_assumptions
+from mlxtune.memory.estimate import describe_assumptions, describe_kernels
 
 
 def _bar(peak: float, usable: float, width: int = 24) -> str:
@@ -34,8 +34,12 @@ def text(plan) -> str:
     lines.append(f"{'peak of a step':<22}{mac.peak / 1e9:>18.3f}"
                  + ("" if same else f"{here.peak / 1e9:>24.3f}"))
     if mac.reference_pass is not None:
-        lines.append(f"{'dpo reference pass':<22}{mac.reference_pass / 1e9:>18.3f}"
+        name = "dpo reference pass" if mac.workload.objective == "dpo" else "scoring pass"
+        lines.append(f"{name:<22}{mac.reference_pass / 1e9:>18.3f}"
                      + ("" if same else f"{here.reference_pass / 1e9:>24.3f}"))
+    if mac.rollout is not None:
+        lines.append(f"{'grpo rollout':<22}{mac.rollout / 1e9:>18.3f}"
+                     + ("" if same else f"{here.rollout / 1e9:>24.3f}"))
     lines.append("")
     for f in plan.tiers + [plan.here]:
         name = f"{f.machine.name} GB Mac" if f.machine.name.isdigit() else "this machine"
@@ -44,6 +48,8 @@ def text(plan) -> str:
                      f"{f.verdict.upper():<5}" + (f"  {f.hint.text}" if f.hint else ""))
     lines.append("")
     lines.append("assumes: " + "; ".join(describe_assumptions(mac.workload)))
+    lines.append(f"kernels: Mac: {describe_kernels(mac.workload)}; this machine: "
+                 f"{describe_kernels(here.workload)}")
     lines.append("usable: " + "; ".join(f"{f.machine.name}: {f.machine.rule}"
                                         for f in plan.tiers + [plan.here]))
     return "\n".join(lines)

@@ -40,6 +40,19 @@ class Workload:
     adapter_type: str = "lora"
     # dpo from model.adapter: a frozen copy of it is the reference policy.
     reference_adapter: bool = False
+    # "mlx": MLX's own ops (Metal, CUDA; the CPU with MLXTUNE_FASTMATH=0 or without
+    # mlxtune.native's kernels). "cpu": what a run on the CPU profile computes with
+    # mlxtune's CPU kernels: fastmath's SwiGLU and loss, the native attention (float32)
+    # and cross-entropy; counted with their own fitted counts (calibration.COEFFICIENTS_CPU).
+    kernels: str = "mlx"
+    # grpo: completions sampled per prompt (rows = prompts x group_size), the longest
+    # completion, and whether a no-gradient pass scores the rollout before the step
+    # (objective.beta > 0: the reference; num_iterations > 1: the rollout policy).
+    group_size: int = 0
+    rollout_rows: int = 0        # completions sampled at once on one rank (before micro-batches)
+    completion_tokens: int = 0
+    top_p: float = 1.0
+    scored_before_step: bool = False
     notes: tuple = field(default=(), compare=False)
 
     @property
@@ -57,7 +70,11 @@ class Workload:
 
     @property
     def reference_pass(self) -> bool:
-        return self.objective == "dpo"
+        return self.objective == "dpo" or self.scored_before_step
+
+    @property
+    def grpo(self) -> bool:
+        return self.objective == "grpo"
 
     @property
     def chunked(self) -> bool:
@@ -105,16 +122,38 @@ class Workload:
         return self.lora_parameters
 
     @property
+    def native_attention(self) -> bool:
+        """Whether attention runs mlxtune.native's kernel (CPU kernels, float32, models
+        using mlx_lm's shared attention function), which keeps no scores: only the
+        log-sum-exp of each query row for its backward pass."""
+        return (self.kernels == "cpu" and self.compute_bytes == 4
+                and self.attention == "materialised" and _routable(self.shape.model_type))
+
+    @property
     def blockwise(self) -> bool:
         """Whether attention runs a block of queries at a time (mlxtune.attention, on the
         CPU backend, for models using mlx_lm's shared attention function)."""
         return self.backend == "cpu" and self.attention == "materialised" and \
+            not self.native_attention and \
             _blockwise_block(self.shape.model_type, self.positions) > 0
+
+    @property
+    def cpu_loss(self) -> bool:
+        """Whether the loss runs on the CPU kernels' chunked form (fastmath, or the native
+        cross-entropy): at most FAST_CHUNK positions' logits at a time, whatever
+        train.loss_chunk says, unless it is 0 (mlxtune.forward.chunked_token_losses)."""
+        return (self.kernels == "cpu" and self.loss_chunk > 0
+                and self.shape.model_type in HEAD_FAMILIES)
+
+    def head_weight(self):
+        """The output head's stored weight (the embedding when tied), or None."""
+        kind = "embedding" if self.shape.tie_embeddings else "head"
+        return next((x for x in self.weights if x.kind == kind), None)
 
     @property
     def score_columns(self) -> float:
         """Attention scores per query position and head that are computed and kept."""
-        if self.attention == "fused":
+        if self.attention == "fused" or self.native_attention:
             return 0.0
         L = self.positions
         block = _blockwise_block(self.shape.model_type, L) if self.backend == "cpu" else 0
@@ -130,6 +169,29 @@ class Workload:
         if self.backend == "cpu" and self.compute_bytes == 2:
             return (coefficients or COEFFICIENTS)["cpu_half_bytes"]
         return float(self.compute_bytes)
+
+
+def _routable(model_type: str) -> bool:
+    """Whether the family's attention goes through mlx_lm's shared attention function,
+    which mlxtune.attention routes to its CPU forms."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError:
+        return False
+    return hasattr(module, "scaled_dot_product_attention")
+
+
+def cpu_kernels(backend: str) -> str:
+    """The kernels a run here computes with: "cpu" where it takes mlxtune's CPU forms
+    (the CPU profile with fastmath on, and the native extension built or buildable: a run
+    builds it on first use), else "mlx". Nothing is built or loaded to decide."""
+    if backend != "cpu":
+        return "mlx"
+    from mlxtune import fastmath, native
+
+    return "cpu" if fastmath.enabled() and native.expected() else "mlx"
 
 
 def _blockwise_block(model_type: str, positions: int) -> int:
@@ -180,9 +242,15 @@ def _in_blocks(name: str, first: int) -> bool:
 
 
 def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
-             attention: str = "materialised", full_finetune: bool = False) -> Workload:
+             attention: str = "materialised", full_finetune: bool = False,
+             kernels: str | None = None) -> Workload:
     """What one rank computes in one micro-batch of `cfg` (an mlxtune Config).
-    `full_finetune` plans adapter.type full whatever the config says."""
+    `full_finetune` plans adapter.type full whatever the config says; `kernels` ("mlx" or
+    "cpu") defaults to what a run on `backend` here would take (cpu_kernels)."""
+    if kernels is None:
+        kernels = cpu_kernels(backend)
+    if kernels not in ("mlx", "cpu"):
+        raise ValueError(f"kernels must be 'mlx' or 'cpu', not {kernels!r}")
     if ranks < 1:
         raise ConfigError(f"ranks: must be >= 1, got {ranks}")
     batch = cfg.train.batch_size
@@ -209,15 +277,20 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
     adapted = n if layers == -1 else min(layers, n)
     states = 2 if t.optimizer in ("adam", "adamw") else (1 if t.momentum > 0 else 0)
     notes = []
-    rows = (batch // ranks) * (2 if preference else 1)
+    o = cfg.objective
+    grpo = o.type == "grpo"
+    # grpo: each prompt's group of completions is a row of the step (prompt + completion,
+    # at most data.max_seq_len); a rollout micro-batch holds train.batch_size prompts
+    rows = (batch // ranks) * (2 if preference else (o.group_size if grpo else 1))
     micro = micro_rows(rows, width, t.max_batch_tokens, preference)
     if micro < rows:
         notes.append(f"train.max_batch_tokens={t.max_batch_tokens}: micro-batches of {micro} "
                      f"of the {rows} rows, gradients summed")
     # Rows of several examples carry a block-diagonal mask: packed rows, and random batches
     # laid out several examples to a row (data.batcher); length-grouped rows do not.
-    segmented = not preference and (cfg.data.packing is True or not cfg.data.group_by_length)
-    if cfg.data.packing == "auto" and not preference and cfg.data.group_by_length:
+    segmented = not preference and not grpo and (cfg.data.packing is True
+                                                 or not cfg.data.group_by_length)
+    if cfg.data.packing == "auto" and not preference and not grpo and cfg.data.group_by_length:
         notes.append("data.packing is auto: decided from the data at run time; planned "
                      "without the packing mask (rows are full either way)")
     weights = tuple(weights_mod.base_weights(shape, cfg.model, DTYPE_BYTES[dtype]))
@@ -240,7 +313,11 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
         reference_adapter=start is not None and cfg.objective.type == "dpo" and kind != "full",
         adapted_layers=adapted, grad_checkpoint=t.grad_checkpoint, loss_chunk=t.loss_chunk,
         objective=cfg.objective.type, packed=segmented,
-        optimizer_states=states, attention=attention,
+        optimizer_states=states, attention=attention, kernels=kernels,
+        group_size=o.group_size if grpo else 0, rollout_rows=rows if grpo else 0,
+        completion_tokens=min(o.max_completion_tokens, width) if grpo else 0,
+        top_p=o.top_p if grpo else 1.0,
+        scored_before_step=grpo and (bool(o.beta) or o.num_iterations > 1),
         # Gradients are summed over micro-batches (accumulation, max_batch_tokens splits)
         # and over ranks: a second copy of them is alive.
         grad_accumulation=t.grad_accumulation * (-(-rows // micro)) * ranks,

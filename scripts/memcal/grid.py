@@ -141,8 +141,24 @@ def check_grid() -> list[dict]:
     return [{"name": n, "part": "check", "model": m, **kw} for n, m, kw in grid]
 
 
+def cpu_fit_grid() -> list[dict]:
+    """The fit grid again on the path `mlxtune run` takes here by default (mlxtune's CPU
+    kernels: fastmath SwiGLU and loss, native attention and cross-entropy). Not fitted:
+    at these sizes a step holds tens of MB that real sizes do not scale (fitting them
+    with the real-width entries took the 1.5B 4-bit prediction from +2% to +58%); they
+    show how the CPU kernels' plan does on small models (docs/memory.md)."""
+    # DoRA's and full fine-tuning's own counts keep their MLX values (fitted on those
+    # alone); NF4 on the 12-block medium model is the slowest and varies nothing the
+    # 6-block tiny one does not.
+    skip = ("dora", "full", "nf4-medium-12l")
+    return [{**e, "name": "cpu-" + e["name"], "part": "tiny-cpu", "path": "cpu"}
+            for e in fit_grid() if not any(k in e["name"] for k in skip)]
+
+
 def grid() -> list[dict]:
-    return fit_grid() + check_grid()
+    from memcal.real import real_grid
+
+    return fit_grid() + check_grid() + cpu_fit_grid() + real_grid()
 
 
 # ---------------------------------------------------------------------------- models
@@ -163,10 +179,12 @@ def model_path(spec: dict) -> str:
         from tiny import make_model_dir
 
         args = dict(spec["tiny"])
-        folder = CACHE / "models" / _key(spec)
+        folder = CACHE / "models" / _key({"tiny": spec["tiny"]})  # a label names, not shapes
         if not (folder / "config.json").exists():
             model_type = args.pop("model_type", "llama")
             make_model_dir(folder, model_type=model_type, **args)
+            if args.get("tie_word_embeddings"):
+                _drop_tied_head(folder)
         return str(folder)
     if "gguf" in spec:
         path = CACHE / "models" / f"{_key(spec)}.gguf"
@@ -187,6 +205,25 @@ def model_path(spec: dict) -> str:
             _dense_smollm2(folder)
         return str(folder)
     raise ValueError(f"unknown model spec {spec}")
+
+
+def _drop_tied_head(folder: Path) -> None:
+    """A tied model's folder as published: no lm_head.weight. mlx_lm builds some families
+    (gemma3_text) with an lm_head that it drops only when the checkpoint has none; a
+    random model saved with it would hold a second [vocab, hidden] matrix that the real
+    model does not."""
+    import mlx.core as mx
+
+    for f in folder.glob("*.safetensors"):
+        weights = mx.load(str(f))
+        if "lm_head.weight" in weights:
+            del weights["lm_head.weight"]
+            mx.save_safetensors(str(f), weights, metadata={"format": "mlx"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data.get("weight_map", {}).pop("lm_head.weight", None)
+        index.write_text(json.dumps(data, indent=2))
 
 
 def _dense_smollm2(folder: Path) -> None:

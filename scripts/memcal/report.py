@@ -12,7 +12,9 @@ from memcal.fitting import predict
 
 def describe(spec: dict) -> str:
     m = spec["model"]
-    if "packaged" in m:
+    if "label" in m:
+        model = m["label"]
+    elif "packaged" in m:
         model = "SmolLM2-135M GGUF (Q4_1 + Q8_0)"
     elif "smollm2_dense" in m:
         model = "SmolLM2-135M dense f32"
@@ -48,47 +50,63 @@ def describe(spec: dict) -> str:
         parts.append("packed")
     if "adapter.targets" in s:
         parts.append("+".join(t.replace("_proj", "") for t in s["adapter.targets"]))
+    if "path" in spec:
+        parts.append({"cpu": "CPU kernels", "mlx": "MLX's ops",
+                      "gpu": "GPU profile, planned as a Mac"}[spec["path"]])
     return f"{model}; {', '.join(parts)}"
+
+
+# Held out first: whole real-size models, the tiny grid's checks, tiny models on the CPU
+# kernels; then the fits.
+PARTS = ("real", "check", "tiny-cpu", "fit-real", "fit")
 
 
 def report(entries: list[dict], measured: dict, env: dict) -> tuple[str, dict]:
     from mlxtune.memory import calibration
 
-    rows, errors = [], {"fit": [], "check": []}
-    entries = sorted(entries, key=lambda e: e["part"] != "check")  # held-out rows first
+    rows, errors = [], {part: [] for part in PARTS}
+    entries = sorted(entries, key=lambda e: PARTS.index(e["part"]))  # held-out rows first
     for e in entries:
         if e["name"] not in measured:
             continue
         p = predict(e)
         m = measured[e["name"]]["peak_gb"]
         err = p["peak_gb"] / m - 1
-        errors[e["part"]].append((abs(err), e["name"]))
+        errors[e["part"]].append((abs(err), e["name"], err))
         top = sorted(p["items"].items(), key=lambda kv: -kv[1])[:3]
         rows.append(f"| {e['part']} | {e['name']} | {describe(e)} | {m:.3f} | "
                     f"{p['peak_gb']:.3f} | {err:+.1%} | "
                     + ", ".join(f"{k} {v:.2f}" for k, v in top) + " |")
-    summary = {part: {"configs": len(v), "worst": max(v) if v else None,
-                      "mean_abs": sum(x for x, _ in v) / len(v) if v else None}
+    summary = {part: {"configs": len(v), "worst": max(v)[:2] if v else None,
+                      "under": min((x[2], x[1]) for x in v) if v else None,
+                      "mean_abs": sum(x[0] for x in v) / len(v) if v else None}
                for part, v in errors.items()}
     head = ["| part | name | configuration | measured GB | predicted GB | error | largest "
             "items (GB) |", "|---|---|---|---|---|---|---|"]
     lines = [f"Measured with MLX {env['mlx']} on the {env['backend']} backend "
              f"({env['machine']}, {env['blas']}); predictions by mlxtune.memory with "
-             f"the coefficients in mlxtune/memory/calibration.py "
-             f"(fitted on {len(getattr(calibration, 'FITTED_ON', ()))} `fit` "
-             "configurations).", ""]
-    for part in ("check", "fit"):
+             f"the coefficients in mlxtune/memory/calibration.py (MLX's ops: fitted on "
+             f"{len(getattr(calibration, 'FITTED_ON', ()))} `fit` configurations; CPU "
+             f"kernels: refitted on {len(getattr(calibration, 'FITTED_ON_CPU', ()))} "
+             "`fit-real` ones).", ""]
+    for part in PARTS:
         s = summary[part]
         if s["configs"]:
+            under = (f"largest under-prediction {-s['under'][0]:.1%} ({s['under'][1]})"
+                     if s["under"][0] < 0 else "no under-prediction")
             lines.append(f"- `{part}`: {s['configs']} configurations, worst error "
-                         f"{s['worst'][0]:.1%} ({s['worst'][1]}), mean |error| "
+                         f"{s['worst'][0]:.1%} ({s['worst'][1]}), {under}, mean |error| "
                          f"{s['mean_abs']:.1%}")
     lines += [""] + head + rows
+    keys = list(calibration.COEFFICIENTS)
     lines += ["", "The fitted counts (mlxtune/memory/calibration.py; each multiplies one "
-              "array of its kind, `framework` is in MB):", "",
-              "| " + " | ".join(calibration.COEFFICIENTS) + " |",
-              "|" + "---|" * len(calibration.COEFFICIENTS),
-              "| " + " | ".join(f"{v:g}" for v in calibration.COEFFICIENTS.values()) + " |"]
+              "array of its kind, `framework` is in MB), and the guard's margins "
+              f"(GUARD_MARGIN: MLX's ops {calibration.GUARD_MARGIN['mlx']:.0%}, CPU "
+              f"kernels {calibration.GUARD_MARGIN['cpu']:.0%}):", "",
+              "| kernels | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for label, counts in (("MLX's ops", calibration.COEFFICIENTS),
+                          ("CPU kernels", calibration.COEFFICIENTS_CPU)):
+        lines.append(f"| {label} | " + " | ".join(f"{counts.get(k, 0):g}" for k in keys) + " |")
     return "\n".join(lines), summary
 
 

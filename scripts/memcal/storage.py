@@ -18,6 +18,18 @@ def save_measurements(data: dict) -> None:
     MEASUREMENTS.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
+def record_measurement(name: str, entry: dict, env: dict) -> dict:
+    """Add one measurement to the stored ones as they are on disk now (another
+    calibrate_memory.py may have added its own since this one started); returns them."""
+    stored = load_measurements()
+    stored.setdefault("measurements", {})[name] = entry
+    stored["environment"] = env
+    tmp = MEASUREMENTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    tmp.replace(MEASUREMENTS)
+    return stored
+
+
 def environment() -> dict:
     import platform
 

@@ -147,9 +147,9 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
             # instead of every block's (a step holds the copies of the few blocks MLX has
             # scheduled ahead, not of the whole model: measured at 2-28 blocks)
             if w.grad_checkpoint:
-                # mlxtune's own formats under checkpointing: an array of each stored
-                # layer's size (measured: NF4 bases hold about their own size again;
-                # MLX's affine layers do not)
+                # mlxtune's own formats under checkpointing: about their stored size
+                # again (measured on NF4 bases, which arrays is not known; MLX's affine
+                # layers do not)
                 f["ckpt_own"] = float(sum(x.nbytes for x in q if x.kind == "linear"
                                           and x.format.kind != "affine"))
             blocks = {block_index(x.name) for x in q if x.kind == "linear"} - {None}

@@ -70,9 +70,9 @@ SHARED = ("saved_gelu",)
 CPU_FITTED = tuple(k for k in CPU_ONLY if k != "ckpt_own") + (
     "dequant_max", "dequant_max_ckpt", "ckpt_d")
 # Set, not fitted (one NF4 + checkpointing configuration cannot tell a per-layer count
-# from the rest): under checkpointing each of mlxtune's own-format layers holds one array
-# of its stored size until the step ends (the zero cotangents its backward returns for
-# the frozen packed arrays: 1.38 GB missing on Qwen2.5-3B NF4 = its blocks' packed size).
+# from the rest): under checkpointing a step with mlxtune's own-format layers held about
+# their stored size more than the other counts explain (Qwen2.5-3B NF4: 1.38 GB, its
+# blocks' packed size, at 36 blocks; 0.23 GB at 4). Which arrays those are is not known.
 FIXED_CPU = {"ckpt_own": 1.0}
 # MLX's counts of every block's dense copies, which the CPU kernels' counts replace by
 # one block's (dequant_block): 0 there.

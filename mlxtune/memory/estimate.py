@@ -38,7 +38,10 @@ measured with mx.get_peak_memory() over real training steps on the CPU backend
 (scripts/calibrate_memory.py, which also checks them on configurations left out of the
 fit; docs/memory.md). On Metal the same counts are applied in bfloat16: the graph and
 the scheduler are MLX's, only the bytes per element change (an extrapolation the CPU
-cannot check).
+cannot check). A step on mlxtune's CPU kernels (Workload.kernels == "cpu": native
+attention, the loss a chunk at a time, fastmath's SwiGLU) holds other arrays and has its
+own counts (COEFFICIENTS_CPU): MLX's, with those the kernels change refitted on real-width
+models.
 """
 
 from __future__ import annotations
@@ -117,7 +120,6 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
         f["saved_dora"] = kept * N * c * lora_out
     if w.grad_checkpoint:
         f["ckpt_d"] = n * N * c * s.hidden_size
-    if w.grad_checkpoint:
         # the block being recomputed and its backward: the main arrays of one block
         f["ckpt_block"] = N * c * (s.hidden_size + s.q_dim + 2 * s.kv_dim + s.intermediate_size)
     head = w.head_weight() if w.cpu_loss else None

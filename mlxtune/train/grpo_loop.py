@@ -362,32 +362,16 @@ class GRPOTrainer(Trainer):
         metrics["completions/clipped_ratio"] = float(sums[3] / count)
         return 0.0 - float(reward), metrics  # (not -0.0)
 
-    def _evaluate(self) -> str | None:
-        """As the trainer's (best/ adapter, early stopping on the val event's loss, here
-        minus the reward), with a progress line that names the reward."""
-        out = self.validate()
-        if out is None:
-            return None
-        val, metrics = out
-        pos, es = self.pos, self.cfg.train.early_stopping
-        pos.val_history.append([pos.step, val])
-        improved = val < pos.best_val - es.min_delta
-        if improved:
-            pos.best_val, pos.best_step, pos.bad_evals = val, pos.step, 0
-            self._save_adapter("best")
-        else:
-            pos.bad_evals += 1
-        self.events.emit("val", step=pos.step, loss=val, best=pos.best_val, improved=improved,
-                         **metrics)
+    def _report_val(self, val: float, metrics: dict) -> None:
+        """The trainer's validation (best/ adapter, early stopping on the val event's
+        loss, here minus the reward), with a progress line that names the reward."""
+        pos = self.pos
         parts = "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items()
                           if k.startswith("rewards/"))
         self.progress.message(
             f"step {pos.step}/{self.total}  val reward {metrics['reward']:.4f}"
             f"{'  (' + parts + ')' if parts else ''}  length "
             f"{metrics['completions/mean_length']:.1f}  (best {-pos.best_val:.4f})")
-        if es.patience and pos.bad_evals >= es.patience:
-            return "early_stopping"
-        return None
 
 
 def check(cfg, ranks: int, rewards, train: list, valid: list) -> None:

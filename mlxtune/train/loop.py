@@ -474,7 +474,11 @@ class Trainer:
             pos.bad_evals += 1
         self.events.emit("val", step=pos.step, loss=val, best=pos.best_val, improved=improved,
                          **metrics)
-        self.progress.val(pos.step, val, pos.best_val, metrics)
+        self._report_val(val, metrics)
         if es.patience and pos.bad_evals >= es.patience:
             return "early_stopping"
         return None
+
+    def _report_val(self, val: float, metrics: dict) -> None:
+        """The progress line of one validation (GRPO's names its reward)."""
+        self.progress.val(self.pos.step, val, self.pos.best_val, metrics)

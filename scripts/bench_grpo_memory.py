@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""A GRPO step's peak memory against an SFT step's over the same tokens (issue 23).
+
+Runs the quickstart's GRPO from the packaged SmolLM2 (rollouts of --batch prompts x
+--group completions of at most --completion tokens, json_valid reward, --steps steps),
+then trains SFT on exactly the rows GRPO trained on (each row of the saved rollouts
+decoded back to text: prompt and completion, as `text` records), with batch = prompts x
+group, each batch one row per example, and prints the largest `peak_memory_gb` of each
+run's train events (MLX's peak since the model was loaded: GRPO's includes its rollouts)
+and their ratio. Both runs hold one copy of the base (GRPO's beta is 0, as TRL's default).
+
+    .venv/bin/python scripts/bench_grpo_memory.py [--batch 2 --group 8 --completion 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import mlxtune  # noqa: E402,F401  (OpenBLAS and malloc settings before mlx.core)
+
+
+def _peaks(run_dir: Path) -> list[float]:
+    from mlxtune.train.events import read_events
+
+    return [e["peak_memory_gb"] for e in read_events(run_dir) if e["event"] == "train"]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--completion", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    from mlxtune import config
+    from mlxtune.models import load
+    from mlxtune.run import run
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="grpo-memory-"))
+    data = ROOT / "data" / "quickstart" / "tasks.jsonl"
+    common = {"model": {"path": "smollm2-135m-instruct"}, "adapter": {"rank": 8, "alpha": 16},
+              "eval": {"auto": False}}
+    grpo = config.from_dict({
+        **common, "name": "grpo-memory",
+        "data": {"path": str(data), "split": {"by": "user", "valid": 0.1, "test": 0.1},
+                 "max_seq_len": 256},
+        "objective": {"type": "grpo", "group_size": args.group, "temperature": 1.0,
+                      "max_completion_tokens": args.completion, "beta": 0.0,
+                      "rewards": [{"name": "json_valid"}]},
+        "train": {"iters": args.steps, "batch_size": args.batch, "eval_every": 0,
+                  "save_every": 0, "log_every": 1, "seed": 0}})
+    grpo_dir = work / "grpo"
+    if not _peaks(grpo_dir) if grpo_dir.exists() else True:  # --work: measured already
+        grpo_dir, _ = run(grpo, grpo_dir, quiet=True, evaluate=False, memory_check=False)
+
+    # The rows GRPO trained on, decoded back to text.
+    tokenizer = load(grpo.model).tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1
+    texts, width = [], 0
+    for f in sorted((grpo_dir / "rollouts").glob("*.npz")):
+        outer = np.load(f)
+        inner = np.load(io.BytesIO(outer["rank0"].tobytes()))
+        for key in sorted(k for k in inner.files if k.endswith("_a0")):
+            tokens = inner[key]
+            width = max(width, tokens.shape[1])
+            for row in tokens:
+                ids = [int(t) for t in row if int(t) != pad]
+                texts.append(tokenizer.decode(ids))
+    sft_data = work / "sft.jsonl"
+    sft_data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    sft = config.from_dict({
+        **common, "name": "sft-memory",
+        "data": {"train": str(sft_data), "max_seq_len": width + 32, "packing": False,
+                 "group_by_length": True},
+        "train": {"iters": args.steps, "batch_size": args.batch * args.group,
+                  "eval_every": 0, "save_every": 0, "log_every": 1, "seed": 0}})
+    sft_dir, _ = run(sft, work / "sft", quiet=True, evaluate=False, memory_check=False)
+
+    g, s = max(_peaks(grpo_dir)), max(_peaks(sft_dir))
+    print(json.dumps({"grpo_peak_gb": round(g, 3), "sft_peak_gb": round(s, 3),
+                      "ratio": round(g / s, 3), "rows": args.batch * args.group,
+                      "rollout_width": width, "work": str(work)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -880,6 +880,9 @@ def test_snapshot_plan_view(tmp_path, monkeypatch):
         table = screen.query_one("#knobs")
         table.focus()  # the knobs' keys in the footer, however loaded the machine is
         await wait_for(pilot, lambda: app.focused is table, what="focus")
+        # drawn: on a loaded machine the panels can paint after the plan is computed
+        await wait_for(pilot, lambda: "memory per tier" in screen_text(app)
+                       and "Less" in screen_text(app), what="the plan drawn")
         await pilot.pause(0.5)
         text = screen_text(app)
         assert "memory per tier" in text and "Less" in text and "2048" in text

@@ -158,7 +158,8 @@ def detect_format(obj: dict, where: str) -> str:
 # ----------------------------------------------------------------------------- per format
 
 
-def check_chat(obj: dict, where: str) -> None:
+def _check_conversation(obj: dict, where: str) -> list:
+    """A conversation's messages and tools, each message checked; returns the messages."""
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if messages == [] else _json_type(messages)
@@ -167,6 +168,11 @@ def check_chat(obj: dict, where: str) -> None:
         raise DataError(f"{where}: \"tools\" must be a list, got {_json_type(obj['tools'])}")
     for i, message in enumerate(messages):
         _check_message(message, f"{where}: messages[{i}]")
+    return messages
+
+
+def check_chat(obj: dict, where: str) -> None:
+    messages = _check_conversation(obj, where)
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must be from the assistant (it is what the "
                         f"model learns to write), got role \"{messages[-1]['role']}\" (a "
@@ -211,14 +217,7 @@ def check_completions(obj: dict, where: str) -> None:
 def check_chat_prompt(obj: dict, where: str) -> None:
     """A conversation read for its prompt: a last assistant turn is the reference (the
     prompt is what comes before it); one that ends with a user or tool turn is all prompt."""
-    messages = obj["messages"]
-    if not isinstance(messages, list) or not messages:
-        got = "an empty list" if messages == [] else _json_type(messages)
-        raise DataError(f"{where}: \"messages\" must be a non-empty list of messages, got {got}")
-    if "tools" in obj and obj["tools"] is not None and not isinstance(obj["tools"], list):
-        raise DataError(f"{where}: \"tools\" must be a list, got {_json_type(obj['tools'])}")
-    for i, message in enumerate(messages):
-        _check_message(message, f"{where}: messages[{i}]")
+    messages = _check_conversation(obj, where)
     last = messages[-1]["role"]
     if last == "system":
         raise DataError(f"{where}: the conversation ends with a system message: a prompt "

@@ -393,14 +393,18 @@ def check(cfg: Config, with_tokens: bool = True, progress=None) -> Report:
         report["prompt_room"] = room
         report["max_completion_tokens"] = cfg.objective.max_completion_tokens
     facts = {}
-    if with_tokens and grpo:
+    if with_tokens:
         say("loading the tokenizer")
         tokenizer, what = tokens.load_tokenizer(cfg.model)
         report["tokenizer"] = what
         for name in SPLITS:
             if loaded.splits[name]:
                 say(f"tokens: {name}")
-                facts[name] = tokens.prompt_tokens(loaded.splits[name], loaded.fmt, tokenizer)
+                facts[name] = (tokens.prompt_tokens(loaded.splits[name], loaded.fmt, tokenizer)
+                               if grpo else
+                               tokens.split_tokens(loaded.splits[name], loaded.fmt, tokenizer,
+                                                   cfg.data))
+    if with_tokens and grpo:
         say("one example")
         first = loaded.splits["train"][0]
         prompt, reference = tokens.render_prompt(first, loaded.fmt, tokenizer)
@@ -408,14 +412,6 @@ def check(cfg: Config, with_tokens: bool = True, progress=None) -> Report:
                              "pieces": [{"text": prompt, "loss": False}],
                              "reference": reference}
     elif with_tokens:
-        say("loading the tokenizer")
-        tokenizer, what = tokens.load_tokenizer(cfg.model)
-        report["tokenizer"] = what
-        for name in SPLITS:
-            if loaded.splits[name]:
-                say(f"tokens: {name}")
-                facts[name] = tokens.split_tokens(loaded.splits[name], loaded.fmt, tokenizer,
-                                                  cfg.data)
         cuts = [{"source": s, "answer": a[:200]} for f in facts.values()
                 for s, a in f.template_cuts]
         report["template_cut_count"] = len(cuts)

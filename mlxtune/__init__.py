@@ -21,5 +21,9 @@ def _cpu_profile_on_the_cpu() -> None:
 
 _cpu_profile_on_the_cpu()
 
+from mlxtune import _schedule  # noqa: E402  (after the device is settled)
+
+_schedule.depth_first_on_the_cpu()  # before MLX's first evaluation reads the variable
+
 __version__ = "0.1.0"
 DISTRIBUTION = "mlxtune-lora"  # the name on PyPI (pip install mlxtune-lora); imports stay mlxtune

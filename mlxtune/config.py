@@ -210,6 +210,10 @@ class ObjectiveConfig:
     # Optimisation steps per rollout batch (TRL's num_iterations, mu).
     num_iterations: int = field(default=1, metadata={"min": 1})
     rewards: list[RewardConfig] = field(default_factory=list)
+    # A quantized base dequantized once for the whole GRPO run (rollouts decode a token at a
+    # time; the same function): auto: on the CPU profile, when the copy takes under a
+    # quarter of the memory (as eval.dense_base).
+    dense_base: Union[bool, str] = field(default="auto", metadata=_choices("auto", True, False))
 
 
 @dataclass

@@ -16,7 +16,7 @@ def _version(dist: str) -> str:
 def report() -> dict:
     import mlx.core as mx
 
-    from mlxtune import DISTRIBUTION, _malloc, backend, models, native
+    from mlxtune import DISTRIBUTION, _malloc, _schedule, backend, models, native
 
     info = backend.device_info()
     installed = _version(DISTRIBUTION)   # the distribution's name, not the import package's
@@ -33,6 +33,7 @@ def report() -> dict:
         "host malloc": ("freed buffers kept for reuse (MLXTUNE_MALLOC=0: glibc's defaults)"
                         if _malloc.state["tuned"] else f"defaults ({_malloc.state['reason']})"),
         "CPU kernels": native.status_line(build=False).removeprefix("CPU kernels: "),
+        "evaluation order": _schedule.status_line(),
         "compute dtype": backend.dtype_name(backend.compute_dtype()),
         "system memory": f"{info['system_memory_gb']:.1f} GB",
     }

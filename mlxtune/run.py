@@ -119,6 +119,21 @@ def _where(cfg: Config, run_dir: Path | None, resume: bool) -> tuple[Path, Path 
     return run_dir, resume_from
 
 
+def _dense_for_rollouts(cfg: Config, model, progress: Progress) -> None:
+    """GRPO decodes a token at a time; on the CPU profile a quantized base would be
+    dequantized at every product of every step. objective.dense_base (auto there) swaps
+    in the dequantized weights once: the same function, one copy of the base (the
+    planner counts it dense)."""
+    from mlxtune.evaluate import generate
+
+    dtype = backend.compute_dtype(cfg.model.dtype)
+    if generate.should_densify(model, cfg.objective.dense_base, dtype):
+        gb = generate.dense_bytes(model, dtype) / 1e9
+        n = generate.densify(model, dtype)
+        progress.message(f"grpo: the quantized base computes dequantized ({n} layers, "
+                         f"{gb:.2f} GB; objective.dense_base: {cfg.objective.dense_base})")
+
+
 @distributed.preflight()
 def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         quiet: bool = False, evaluate: bool = True,
@@ -185,6 +200,8 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
                         "loss-bearing token within data.max_seq_len")
 
     model = loaded.model
+    if grpo:
+        _dense_for_rollouts(cfg, model, progress)
     mx.random.seed(cfg.train.seed)  # LoRA initialisation
     if cfg.model.adapter:
         adapter_config = adapters.load(model, Path(cfg.model.adapter))

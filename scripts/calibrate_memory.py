@@ -78,10 +78,13 @@ def measure(spec: dict) -> dict:
     # path "mlx" (the tiny grid's, the default): MLX's own exp / SwiGLU, not
     # mlxtune.fastmath's CPU forms, and not mlxtune.native's kernels, the graph Metal and
     # CUDA run. path "cpu": what `mlxtune run` runs here by default (docs/memory.md).
+    # MLX's evaluation order: the CPU profile's depth-first one (mlxtune._schedule) for
+    # path "cpu"; MLX's default breadth-first one, as on a Mac, for "mlx" and "gpu".
     env = {k: v for k, v in os.environ.items()
-           if k not in ("MLXTUNE_FASTMATH", "MLXTUNE_NATIVE", "MLXTUNE_PROFILE")}
+           if k not in ("MLXTUNE_FASTMATH", "MLXTUNE_NATIVE", "MLXTUNE_PROFILE",
+                        "MLX_BFS_MAX_WIDTH")}
     if spec.get("path", "mlx") == "mlx":
-        env.update(MLXTUNE_FASTMATH="0", MLXTUNE_NATIVE="0")
+        env.update(MLXTUNE_FASTMATH="0", MLXTUNE_NATIVE="0", MLX_BFS_MAX_WIDTH="20")
     elif spec["path"] == "gpu":  # every choice as on a GPU (planned as Metal's graph)
         env.update(MLXTUNE_PROFILE="gpu")
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],

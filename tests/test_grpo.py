@@ -468,3 +468,44 @@ def test_trains_on_prompt_only_data(grpo_dir, capsys):
     assert code == 0, out.err
     result = json.loads(out.out)
     assert result["loss_examples"] == 2 and "tuned" in result and "few_shot" not in result
+
+
+def test_validation_decodes_a_rollouts_worth_of_prompts_at_once(grpo_dir, capsys,
+                                                                 monkeypatch):
+    """Validation's greedy completions are decoded batch_size x group_size prompts at a
+    time (the rows a rollout holds), not a batch of prompts at a time: 10 valid prompts,
+    batches of 2, groups of 2 -> decodes of 4, 4 and 2 prompts, each prompt once."""
+    from mlxtune.train import grpo_loop
+
+    calls = []
+    real = grpo_loop.rollout.sample
+
+    def sample(model, prompts, group, *args, **kwargs):
+        if group == 1:
+            calls.append(len(prompts))
+        return real(model, prompts, group, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_loop.rollout, "sample", sample)
+    write_jsonl(grpo_dir / "valid.jsonl", [
+        {"messages": [{"role": "user", "content": f"say {i}"}]} for i in range(10)])
+    code, out = run_cli(["run", str(grpo_dir / "config.yaml"), "--run-dir",
+                         str(grpo_dir / "run"), "--set", "data.valid=valid.jsonl",
+                         "--set", "train.eval_every=2", "--set", "train.iters=2",
+                         "--set", "train.val_batches=5", "--set", "objective.group_size=2"],
+                        capsys)
+    assert code == 0, out.err
+    assert calls == [4, 4, 2] * 2  # steps 0 and 2
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_quantized_base_is_dequantized_once_for_the_run(grpo_dir, capsys, dense):
+    """objective.dense_base: true swaps a quantized base's layers for their dequantized
+    weights before the adapter is applied (one line says so); false keeps it quantized."""
+    code, out = run_cli(["run", str(grpo_dir / "config.yaml"), "--run-dir",
+                         str(grpo_dir / "run"), "--set", "train.iters=2",
+                         "--set", "model.quantize.format=affine",
+                         "--set", "model.quantize.bits=8",
+                         "--set", f"objective.dense_base={str(dense).lower()}"], capsys)
+    assert code == 0, out.err
+    assert ("grpo: the quantized base computes dequantized" in out.err) == dense
+    assert len(trains(grpo_dir / "run")) == 2

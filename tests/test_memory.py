@@ -756,3 +756,36 @@ def test_a_checkpointed_cpu_step_holds_one_of_its_two_phases():
     b = estimate(no_ckpt)
     assert b.items["logits and loss"] == pytest.approx(
         sum(c[k] * f2[k] for k in ("logits", "logits_chunked") + LOSS_PHASE))
+
+
+@pytest.mark.parametrize("setting", ["auto", True, False])
+def test_grpo_plans_the_dense_copy_a_run_computes_with(monkeypatch, setting):
+    """objective.dense_base (grpo): where the run dequantizes its quantized base once
+    (auto: the CPU profile, a copy under a quarter of the memory), the plan counts the base
+    dense, in the compute dtype, and says so; planned for a Mac, auto keeps it quantized."""
+    from mlxtune import backend
+    from mlxtune.memory.estimate import workload
+
+    monkeypatch.setattr(backend, "profile", lambda: "cpu")
+    monkeypatch.setattr(backend, "system_memory_bytes", lambda: 64 << 30)
+    q4 = {"format": "affine", "bits": 4, "group_size": 32}
+    grpo = {"type": "grpo", "group_size": 4, "rewards": [{"name": "json_valid"}],
+            "dense_base": setting}
+    s = shape()
+    here = workload(make_cfg("x", model={"path": "x", "quantize": q4}, objective=grpo),
+                    s, "cpu")
+    mac = workload(make_cfg("x", model={"path": "x", "quantize": q4}, objective=grpo),
+                   s, "metal")
+    sft = workload(make_cfg("x", model={"path": "x", "quantize": q4}), s, "cpu")
+    dense = workload(make_cfg("x"), s, "cpu")
+    assert any(w.quantized for w in sft.weights)
+    assert not any(w.quantized for w in dense.weights)
+    assert here.weights == (dense.weights if setting is not False else sft.weights)
+    assert mac.weights != dense.weights or setting is True
+    assert any("dense_base" in n for n in here.notes) == (setting is not False)
+    # auto: not when the copy would take a quarter of the memory or more
+    monkeypatch.setattr(backend, "system_memory_bytes",
+                        lambda: 4 * sum(w.nbytes for w in dense.weights if w.kind != "vector"))
+    small = workload(make_cfg("x", model={"path": "x", "quantize": q4}, objective=grpo),
+                     s, "cpu")
+    assert (small.weights == dense.weights) == (setting is True)

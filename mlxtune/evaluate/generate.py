@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from mlxtune import backend, decode, quant
+from mlxtune import decode, quant
 
 
 @dataclass
@@ -54,14 +54,10 @@ def dense_bytes(model: nn.Module, dtype: mx.Dtype) -> int:
 
 
 def should_densify(model: nn.Module, setting, dtype: mx.Dtype) -> bool:
-    """eval.dense_base: true / false as given; auto: on the CPU profile (where quantized
-    weights are dequantized for every product anyway) when the copy takes under a quarter
-    of the machine's memory."""
-    if setting is True or setting is False:
-        return setting and quant.is_quantized(model)
-    if backend.profile() != "cpu" or not quant.is_quantized(model):
-        return False
-    return dense_bytes(model, dtype) < backend.system_memory_bytes() / 4
+    """eval.dense_base (and GRPO's objective.dense_base): quant.dense_copy_wanted."""
+    quantized = quant.is_quantized(model)
+    return quant.dense_copy_wanted(setting, quantized,
+                                   dense_bytes(model, dtype) if quantized else 0)
 
 
 def densify(model: nn.Module, dtype: mx.Dtype) -> int:

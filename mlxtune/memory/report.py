@@ -48,6 +48,9 @@ def text(plan) -> str:
                      f"{f.verdict.upper():<5}" + (f"  {f.hint.text}" if f.hint else ""))
     lines.append("")
     lines.append("assumes: " + "; ".join(describe_assumptions(mac.workload)))
+    only_here = [n for n in here.workload.notes if n not in mac.workload.notes]
+    if only_here:
+        lines.append("this machine: " + "; ".join(only_here))
     lines.append(f"kernels: Mac: {describe_kernels(mac.workload)}; this machine: "
                  f"{describe_kernels(here.workload)}")
     lines.append("usable: " + "; ".join(f"{f.machine.name}: {f.machine.rule}"

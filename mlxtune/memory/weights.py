@@ -83,6 +83,14 @@ def base_weights(shape: ModelShape, model_cfg, compute_bytes: int) -> list[Weigh
     return [_requantize(w, request, compute_bytes) for w in weights]
 
 
+def densified(weights: list[Weight], compute_bytes: int) -> list[Weight]:
+    """The weights after quant.densify: every quantized matrix dequantized to the compute
+    dtype (GRPO's objective.dense_base)."""
+    return [Weight(w.name, w.rows, w.cols, w.kind, DENSE,
+                   storage.nbytes(DENSE, w.rows, w.cols, compute_bytes)) if w.quantized else w
+            for w in weights]
+
+
 def _requantize(w: Weight, fmt: Format, compute_bytes: int) -> Weight:
     """model.quantize on a dense base: affine quantizes every linear and embedding matrix
     whose input size the group divides (quant.quantize_dense); nf4 only the linear layers

@@ -313,9 +313,9 @@ class GRPOTrainer(Trainer):
     # ------------------------------------------------------------------ validation
 
     def validate(self) -> tuple[float, dict] | None:
-        """(minus the mean reward, metrics) of one greedy completion per valid prompt, in
-        batches of train.batch_size prompts (the first train.val_batches of them), each
-        rank its share of the batches. GRPO's own loss has no meaning outside a rollout
+        """(minus the mean reward, metrics) of one greedy completion per valid prompt:
+        the first train.val_batches batches of train.batch_size prompts, each rank its
+        share of the batches, decoded batch x group_size prompts at a time. GRPO's own loss has no meaning outside a rollout
         batch (it is relative to each group): the reward is what validation measures."""
         if not self.valid_set:
             return None
@@ -327,6 +327,11 @@ class GRPOTrainer(Trainer):
         if t.val_batches:
             order = order[:t.val_batches]
         order, real = w.shard(order)
+        # Decoded together, as many prompts at a time as a rollout's rows (batch x group:
+        # the memory the plan already holds); a batch of 4 decodes ~20x slower per token.
+        flat = [i for idx in order for i in idx]
+        chunk = max(size * o.group_size, 1)
+        order = [flat[i:i + chunk] for i in range(0, len(flat), chunk)]
         names = self.rewards.names
         # reward sum, completions, length sum, truncated, then per reward: sum, count
         sums = np.zeros(4 + 2 * len(names), np.float64)

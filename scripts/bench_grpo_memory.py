@@ -40,6 +40,9 @@ def main(argv=None) -> None:
     ap.add_argument("--completion", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--dense-base", choices=("auto", "true", "false"), default="auto",
+                    help="GRPO's objective.dense_base (auto: the packaged 4-bit base is "
+                         "dequantized once on the CPU profile; SFT keeps it quantized)")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -58,7 +61,9 @@ def main(argv=None) -> None:
                  "max_seq_len": 256},
         "objective": {"type": "grpo", "group_size": args.group, "temperature": 1.0,
                       "max_completion_tokens": args.completion, "beta": 0.0,
-                      "rewards": [{"name": "json_valid"}]},
+                      "rewards": [{"name": "json_valid"}],
+                      "dense_base": {"auto": "auto", "true": True,
+                                     "false": False}[args.dense_base]},
         "train": {"iters": args.steps, "batch_size": args.batch, "eval_every": 0,
                   "save_every": 0, "log_every": 1, "seed": 0}})
     grpo_dir = work / "grpo"
@@ -91,6 +96,7 @@ def main(argv=None) -> None:
     g, s = max(_peaks(grpo_dir)), max(_peaks(sft_dir))
     print(json.dumps({"grpo_peak_gb": round(g, 3), "sft_peak_gb": round(s, 3),
                       "ratio": round(g / s, 3), "rows": args.batch * args.group,
+                      "grpo_dense_base": args.dense_base,
                       "rollout_width": width, "work": str(work)}))
 
 

@@ -67,13 +67,14 @@ SHARED = ("saved_gelu",)
 # arrays either way (measured: MLX's counts predict the dense real-width runs with the
 # CPU kernels within 4%), while the tiny grid's CPU-kernel runs do not predict real sizes
 # (docs/memory.md).
-CPU_FITTED = tuple(k for k in CPU_ONLY if k != "ckpt_own") + (
+CPU_FITTED = tuple(k for k in CPU_ONLY if k not in ("logits_cpu",)) + (
     "dequant_max", "dequant_max_ckpt", "ckpt_d")
-# Set, not fitted (one NF4 + checkpointing configuration cannot tell a per-layer count
-# from the rest): under checkpointing a step with mlxtune's own-format layers held about
-# their stored size more than the other counts explain (Qwen2.5-3B NF4: 1.38 GB, its
-# blocks' packed size, at 36 blocks; 0.23 GB at 4). Which arrays those are is not known.
-FIXED_CPU = {"ckpt_own": 1.0}
+# Nothing set by hand: under MLX's breadth-first order a checkpointed step with
+# mlxtune's own-format layers held about their packed size more than the other counts
+# explained (Qwen2.5-3B NF4: 1.38 GB at 36 blocks), and ckpt_own was set to 1 for it; the
+# CPU profile now evaluates depth-first (mlxtune._schedule) and the 4-block NF4 slice fell
+# from 3.05 to 2.25 GB, so ckpt_own is fitted like the rest (non-negative: it may be 0).
+FIXED_CPU = {"logits_cpu": 1.0}
 # MLX's counts of every block's dense copies, which the CPU kernels' counts replace by
 # one block's (dequant_block): 0 there.
 CPU_ZERO = ("dequant_all", "dequant_own", "dequant_all_ckpt", "dequant_own_ckpt")

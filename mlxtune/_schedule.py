@@ -1,6 +1,6 @@
 """MLX's evaluation order on the CPU profile: depth-first.
 
-MLX (0.22 and later) orders each evaluation breadth-first from the outputs, going deeper
+MLX (0.21 and later) orders each evaluation breadth-first from the outputs, going deeper
 once more than MLX_BFS_MAX_WIDTH arrays (default 20) wait at one level: on a GPU that
 keeps the command encoder fed. Under gradient checkpointing it also schedules a block's
 recomputation, which needs only the block's saved input, long before that block's

@@ -550,7 +550,7 @@ def _check_adapter(cfg: Config, where: str) -> None:
 GRPO_KEYS = {"group_size": 8, "temperature": 1.0, "top_p": 1.0, "max_completion_tokens": 256,
              "epsilon": 0.2, "epsilon_high": None, "loss_type": "dapo",
              "scale_rewards": "group", "mask_truncated_completions": False,
-             "num_iterations": 1, "rewards": []}
+             "num_iterations": 1, "rewards": [], "dense_base": "auto"}
 
 
 def _check_grpo(cfg: Config, where: str) -> None:

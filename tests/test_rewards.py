@@ -126,6 +126,7 @@ def test_config_errors_name_the_key(tmp_path):
         ({"type": "grpo", "loss_type": "ppo", "rewards": [{"name": "json_valid"}]},
          "objective.loss_type: 'ppo' is not one of: dapo, grpo, dr_grpo"),
         ({"type": "sft", "num_iterations": 2}, "objective.num_iterations: a grpo key"),
+        ({"type": "dpo", "dense_base": True}, "objective.dense_base: a grpo key"),
     ]
     for objective, message in cases:
         with pytest.raises(ConfigError) as e:

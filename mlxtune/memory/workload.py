@@ -294,15 +294,14 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
         notes.append("data.packing is auto: decided from the data at run time; planned "
                      "without the packing mask (rows are full either way)")
     weights = tuple(weights_mod.base_weights(shape, cfg.model, DTYPE_BYTES[dtype]))
-    if grpo and any(w.quantized for w in weights):
-        dense = weights_mod.densified(list(weights), DTYPE_BYTES[dtype])
-        extra = sum(w.nbytes for w in dense) - sum(w.nbytes for w in weights)
+    if grpo and any(w.quantized for w in weights):  # objective.dense_base, as the run
         from mlxtune import quant
 
+        dense = weights_mod.densified(list(weights), DTYPE_BYTES[dtype])
         copy = sum(d.nbytes for d, w in zip(dense, weights) if w.quantized)
-        # auto decides on the CPU profile only: planned for a Mac, the base stays quantized
-        if (backend == "cpu" or o.dense_base is True) and quant.dense_copy_wanted(
-                o.dense_base, True, copy):
+        if quant.dense_copy_wanted(o.dense_base, True, copy,
+                                   profile="cpu" if backend == "cpu" else "gpu"):
+            extra = sum(w.nbytes for w in dense) - sum(w.nbytes for w in weights)
             weights = tuple(dense)
             notes.append(f"objective.dense_base: {o.dense_base}: the quantized base is "
                          f"dequantized for the run (+{extra / 1e9:.2f} GB)")

@@ -27,18 +27,20 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QUANTIZED_TYPES) for _, m in model.named_modules())
 
 
-def dense_copy_wanted(setting, quantized: bool, dense_bytes: int) -> bool:
+def dense_copy_wanted(setting, quantized: bool, dense_bytes: int,
+                      profile: str | None = None) -> bool:
     """eval.dense_base / objective.dense_base: dequantize a quantized base once and compute
     with the dense copy (the same function). True / False as given; auto: on the CPU
     profile (where quantized weights are dequantized for every product anyway) when the
-    copy takes under a quarter of the machine's memory. Shared by the runs and the planner."""
+    copy takes under a quarter of the machine's memory. Shared by the runs (`profile`:
+    this process's) and the planner (the profile of the machine it plans)."""
     from mlxtune import backend
 
     if not quantized:
         return False
     if setting is True or setting is False:
         return setting
-    if backend.profile() != "cpu":
+    if (profile or backend.profile()) != "cpu":
         return False
     return dense_bytes < backend.system_memory_bytes() / 4
 

@@ -124,16 +124,20 @@ def _layer_count(model: nn.Module) -> int:
     return len(model.layers)
 
 
-def _caches(model: nn.Module, segments: mx.array | None):
+def _caches(model: nn.Module, segments: mx.array | None, cache=None):
+    if cache is not None:  # the caller's (GRPO's prompts computed once: objectives.grpo)
+        return cache
     if segments is None:
         return None
     cache = SegmentMask(segments)
     return [cache] * _layer_count(model)
 
 
-def logits(model: nn.Module, tokens: mx.array, segments: mx.array | None = None) -> mx.array:
-    """Full logits [B, L, V]; packed rows when `segments` is given."""
-    return model(tokens, cache=_caches(model, segments))
+def logits(model: nn.Module, tokens: mx.array, segments: mx.array | None = None,
+           cache=None) -> mx.array:
+    """Full logits [B, L, V]; packed rows when `segments` is given; `cache`: per-layer
+    caches the tokens continue (the keys before them and the mask)."""
+    return model(tokens, cache=_caches(model, segments, cache))
 
 
 def splits_head(model: nn.Module) -> bool:
@@ -142,9 +146,9 @@ def splits_head(model: nn.Module) -> bool:
 
 
 def hidden_states(model: nn.Module, tokens: mx.array,
-                  segments: mx.array | None = None) -> mx.array:
+                  segments: mx.array | None = None, cache=None) -> mx.array:
     """The trunk's output (after the final norm), before the output head: [B, L, D]."""
-    return model.model(tokens, _caches(model, segments))
+    return model.model(tokens, _caches(model, segments, cache))
 
 
 def apply_head(model: nn.Module, h: mx.array) -> mx.array:
@@ -169,11 +173,12 @@ def _head_module(model: nn.Module) -> nn.Module:
 
 def chunked_token_losses(model: nn.Module, tokens: mx.array, targets: mx.array,
                          segments: mx.array | None = None, chunk: int = 1024,
-                         active: mx.array | None = None) -> mx.array:
+                         active: mx.array | None = None, cache=None) -> mx.array:
     """Cross-entropy of each position predicting `targets` (same shape as tokens), float32
     [B, L], never holding the logits of more than `chunk` positions. `active` (bool, the
     shape of tokens) marks the positions whose loss is used: elsewhere the loss may be
-    returned as 0 without being computed (the native kernel skips them).
+    returned as 0 without being computed (the native kernel skips them). `cache`: as
+    for `logits`.
 
     chunk <= 0, a model whose head is not known, or a head with trainable parameters (its
     gradient would be lost: the chunks' backward pass differentiates the hidden states
@@ -184,9 +189,9 @@ def chunked_token_losses(model: nn.Module, tokens: mx.array, targets: mx.array,
     positions = tokens.shape[0] * tokens.shape[1]
     if (chunk <= 0 or not splits_head(model) or (positions <= chunk and not fast)
             or tree_flatten(_head_module(model).trainable_parameters())):
-        out = logits(model, tokens, segments).astype(mx.float32)
+        out = logits(model, tokens, segments, cache).astype(mx.float32)
         return nn.losses.cross_entropy(out, targets, reduction="none")
-    h = hidden_states(model, tokens, segments)
+    h = hidden_states(model, tokens, segments, cache)
     b, length, d = h.shape
     weight = _native_head_weight(model, h) if fast else None
     if weight is not None:

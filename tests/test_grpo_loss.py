@@ -125,3 +125,63 @@ def test_ratio_is_one_at_the_first_step_on_a_model(tiny_model_dir):
         mm = np.array(m, dtype=np.float64)
         want = -(np.array(adv)[:, None] * mm).sum() / mm.sum()
         assert (total / weight).item() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompts_equal_rows_one_by_one(tiny_model_dir, profile, temperature):
+    """A shared batch (each prompt through the model once, its keys and values repeated
+    for its group) gives every completion token the log-prob, and the loss the value and
+    gradient, of the same rows computed whole: prompts of different lengths (one past
+    attention.BLOCK, so the CPU profile's prompt pass takes its own attention), completions
+    of different lengths, one cut without a stop token. float32 on both sides, so only the
+    order of summation differs."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlxtune import adapters, models
+    from mlxtune.config import AdapterConfig, ModelConfig
+    from mlxtune.objectives import rollout
+
+    model = models.load(ModelConfig(path=str(tiny_model_dir), dtype="float32")).model
+    adapters.apply_lora(model, AdapterConfig(rank=4, alpha=8))
+    rng = np.random.default_rng(3)
+    for name, p in tree_flatten(model.trainable_parameters()):  # B is zero at the start
+        if name.endswith("lora_b"):
+            model.update(adapters_tree(name, mx.array(rng.normal(0, 0.05, p.shape), p.dtype)))
+    group = 3
+    prompts = [list(rng.integers(3, 200, 9)), list(rng.integers(3, 200, 140))]  # past attention.BLOCK
+    comps = [rollout.Completion(list(rng.integers(3, 200, n)), stopped, 2 if stopped else None)
+             for n, stopped in [(4, True), (1, True), (6, False), (3, True), (7, True), (2, False)]]
+    adv = mx.array(rng.normal(0, 1, len(comps)).astype(np.float32))
+    tokens, mask = rollout.collate(prompts, comps, group, 0, 8)
+    s_tokens, s_mask, heads, lengths = rollout.collate_shared(prompts, comps, group, 0, 8)
+
+    whole, wm = G.token_logps(model, tokens, mask, temperature)
+    shared, sm = G.shared_token_logps(model, s_tokens, s_mask, heads, lengths, group, temperature)
+    assert int(wm.sum().item()) == int(sm.sum().item()) == sum(
+        len(c.tokens) + c.stopped for c in comps)
+    for i in range(len(comps)):  # the completion's tokens, in order, on both layouts
+        a = np.array(whole[i])[np.array(wm[i])]
+        b = np.array(shared[i])[np.array(sm[i])]
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+    def loss(layout):
+        def f(model):
+            extra = {} if layout == "whole" else dict(prompts=heads, lengths=lengths, group=group)
+            t, m = (tokens, mask) if layout == "whole" else (s_tokens, s_mask)
+            s, w, _ = G.grpo(model, t, m, adv, temperature=temperature, **extra)
+            return s / w
+        return nn.value_and_grad(model, f)(model)
+
+    (v1, g1), (v2, g2) = loss("whole"), loss("shared")
+    assert v2.item() == pytest.approx(v1.item(), rel=1e-4, abs=1e-5)
+    g1, g2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+    scale = max(float(mx.abs(g).max().item()) for g in g1.values())
+    assert scale > 0
+    for k in g1:
+        np.testing.assert_allclose(np.array(g2[k]), np.array(g1[k]), atol=1e-4 * scale)
+
+
+def adapters_tree(name: str, value):
+    """{"a": {"b": [.., {"c": value}]}} for the dotted name "a.b.3.c" (model.update's form)."""
+    from mlx.utils import tree_unflatten
+    return tree_unflatten([(name, value)])

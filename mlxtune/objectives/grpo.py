@@ -34,7 +34,6 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxtune import forward
-from mlxtune.objectives.sft import token_losses
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 STD_EPS = 1e-4  # TRL's
@@ -128,25 +127,104 @@ def grpo_loss(logps, old_logps, adv, mask, *, loss_type: str = "dapo", epsilon: 
 
 
 def token_logps(model: nn.Module, tokens: mx.array, mask: mx.array, temperature: float = 1.0,
-                chunk: int = 0) -> tuple[mx.array, mx.array]:
+                chunk: int = 0, cache=None) -> tuple[mx.array, mx.array]:
     """Per-token log-probs of tokens[:, 1:] under the model with its logits divided by
     `temperature` (as TRL's, so the ratio is of the distribution that sampled), [B, L-1],
-    and the mask for them."""
+    and the mask for them. `cache`: per-layer caches the rows continue (`prompt_cache`)."""
     if temperature == 1.0:
-        losses, m = token_losses(model, tokens, mask, chunk=chunk)
-        return -losses, m
-    logits = forward.logits(model, tokens[:, :-1]).astype(mx.float32) / temperature
+        losses = forward.chunked_token_losses(model, tokens[:, :-1], tokens[:, 1:], chunk=chunk,
+                                              active=mask[:, 1:] != 0, cache=cache)
+        return -losses, mask[:, 1:]
+    logits = forward.logits(model, tokens[:, :-1], cache=cache).astype(mx.float32) / temperature
     losses = nn.losses.cross_entropy(logits, tokens[:, 1:], reduction="none")
     return -losses, mask[:, 1:]
+
+
+# ----------------------------------------------------------------------------- shared prompts
+#
+# A rollout batch holds each prompt group_size times. Computed row by row, the prompts are
+# most of the step's tokens (the quickstart: ~100 prompt tokens before ~40 completion
+# tokens, 8 rows a prompt). With `shared` batches (rollout.collate_shared) each prompt but
+# its last token goes through the model once; every layer's keys and values of it are
+# repeated for the group's rows, which then compute only their last prompt token and
+# completion, at the positions they would have in the whole row, seeing the prompt's
+# slots up to its length and their own tokens causally. The gradient reaches the prompt's
+# keys and values from every row of its group: the same loss and gradient as row by row.
+
+
+class _Recorder:
+    """A layer's cache stand-in for the prompts' pass: keeps the keys and values."""
+
+    offset = 0
+
+    def update_and_fetch(self, keys, values):
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class _AfterPrompt:
+    """A layer's cache stand-in for the completions' pass: the prompt's keys and values
+    (repeated for each row of its group) before the row's own, and the mask over both."""
+
+    def __init__(self, recorded: _Recorder, group: int, offset: mx.array, mask: mx.array):
+        self.keys, self.values = (_repeat_rows(a, group) for a in
+                                  (recorded.keys, recorded.values))
+        self.offset, self.mask = offset, mask
+
+    def update_and_fetch(self, keys, values):
+        return (mx.concatenate([self.keys, keys], axis=2),
+                mx.concatenate([self.values, values], axis=2))
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None):
+        return self.mask
+
+
+def _repeat_rows(a: mx.array, group: int) -> mx.array:
+    """[n, ...] -> [n * group, ...], each row `group` times in a row."""
+    return mx.broadcast_to(a[:, None], (a.shape[0], group, *a.shape[1:])).reshape(
+        a.shape[0] * group, *a.shape[1:])
+
+
+def prompt_cache(model: nn.Module, prompts: mx.array, lengths: mx.array, group: int,
+                 width: int) -> list[_AfterPrompt]:
+    """Per-layer caches for rows of `width` tokens that continue prompts [n, P] (each
+    prompt less its last token, right-padded; `lengths` [n] their lengths), `group` rows a
+    prompt (module comment above)."""
+    layers = [_Recorder() for _ in model.layers]
+    forward.hidden_states(model, prompts, cache=layers)  # only the keys and values are used
+    n, p = prompts.shape
+    offset = _repeat_rows(lengths.astype(mx.int32), group)
+    slots = mx.arange(p)[None] < offset[:, None]                       # [R, P]
+    causal = mx.arange(width)[None] <= mx.arange(width)[:, None]      # [W, W]
+    rows = offset.shape[0]
+    mask = mx.concatenate([mx.broadcast_to(slots[:, None], (rows, width, p)),
+                           mx.broadcast_to(causal[None], (rows, width, width))], axis=2)
+    mask = mask[:, None]                                              # [R, 1, W, P + W]
+    return [_AfterPrompt(r, group, offset, mask) for r in layers]
+
+
+def shared_token_logps(model: nn.Module, tokens: mx.array, mask: mx.array, prompts: mx.array,
+                       lengths: mx.array, group: int, temperature: float = 1.0,
+                       chunk: int = 0) -> tuple[mx.array, mx.array]:
+    """token_logps of a shared batch: tokens / mask [n * group, W] (each row's last prompt
+    token, then its completion), prompts [n, P] and lengths [n] (rollout.collate_shared)."""
+    cache = prompt_cache(model, prompts, lengths, group, tokens.shape[1] - 1)
+    return token_logps(model, tokens, mask, temperature, chunk, cache)
 
 
 def grpo(model: nn.Module, tokens: mx.array, mask: mx.array, adv: mx.array,
          old_logps: mx.array | None = None, ref_logps: mx.array | None = None, *,
          loss_type: str = "dapo", epsilon: float = 0.2, epsilon_high: float | None = None,
          beta: float = 0.0, max_completion_tokens: int = 256, temperature: float = 1.0,
-         chunk: int = 0):
-    """The GRPO objective over a rollout batch: (loss sum, weight, metric sums)."""
-    logps, m = token_logps(model, tokens, mask, temperature, chunk)
+         chunk: int = 0, prompts: mx.array | None = None, lengths: mx.array | None = None,
+         group: int = 1):
+    """The GRPO objective over a rollout batch: (loss sum, weight, metric sums); a shared
+    batch when `prompts` is given (shared_token_logps)."""
+    if prompts is None:
+        logps, m = token_logps(model, tokens, mask, temperature, chunk)
+    else:
+        logps, m = shared_token_logps(model, tokens, mask, prompts, lengths, group,
+                                      temperature, chunk)
     return grpo_loss(logps, old_logps, adv, m, loss_type=loss_type, epsilon=epsilon,
                      epsilon_high=epsilon_high, beta=beta, ref_logps=ref_logps,
                      max_completion_tokens=max_completion_tokens)
@@ -154,16 +232,22 @@ def grpo(model: nn.Module, tokens: mx.array, mask: mx.array, adv: mx.array,
 
 def bind(cfg):
     """The objective of a grpo run's config: fn(model, tokens, mask, advantages, [old
-    log-probs when num_iterations > 1], [reference log-probs when beta > 0])."""
+    log-probs when num_iterations > 1], [reference log-probs when beta > 0], [prompts,
+    lengths: a shared batch])."""
     o = cfg.objective
     beta = o.beta or 0.0
     with_old = o.num_iterations > 1
+    fixed = int(with_old) + int(bool(beta))
 
     def objective(model, tokens, mask, adv, *extra):
+        shared = extra[fixed:]
+        extra = extra[:fixed]
         old = extra[0] if with_old else None
         ref = extra[-1] if beta else None
+        prompts, lengths = shared if shared else (None, None)
         return grpo(model, tokens, mask, adv, old, ref, loss_type=o.loss_type,
                     epsilon=o.epsilon, epsilon_high=o.epsilon_high, beta=beta,
                     max_completion_tokens=o.max_completion_tokens,
-                    temperature=o.temperature or 1.0, chunk=cfg.train.loss_chunk)
+                    temperature=o.temperature or 1.0, chunk=cfg.train.loss_chunk,
+                    prompts=prompts, lengths=lengths, group=o.group_size)
     return objective

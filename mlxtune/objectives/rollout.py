@@ -176,3 +176,37 @@ def collate(prompts: list[list[int]], completions: list[Completion], group_size:
         tokens[i, :len(r)] = r
         mask[i, :len(m)] = m
     return mx.array(tokens), mx.array(mask)
+
+
+def collate_shared(prompts: list[list[int]], completions: list[Completion], group_size: int,
+                   pad_id: int, pad_multiple: int, mask_truncated: bool = False
+                   ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """The same batch with each prompt once (objectives.grpo, "shared prompts"): (tokens,
+    mask) [R, W]: row i is its prompt's last token, then completion i (and its stop token),
+    right-padded to a multiple of pad_multiple, the mask as `collate`'s; (prompts [R /
+    group_size, P], lengths): each prompt less its last token, right-padded (P >= 1)."""
+    heads = [p[:-1] for p in prompts]
+    rows = [[prompts[i // group_size][-1]] + c.tokens + ([c.stop] if c.stopped else [])
+            for i, c in enumerate(completions)]
+    tokens, mask = _padded(rows, pad_id, pad_multiple)
+    for i, c in enumerate(completions):
+        if mask_truncated and not c.stopped:
+            mask[i] = False
+    mask[:, 0] = False
+    heads_arr, _ = _padded(heads, pad_id, pad_multiple)
+    lengths = np.array([len(h) for h in heads], dtype=np.int32)
+    return mx.array(tokens), mx.array(mask), mx.array(heads_arr), mx.array(lengths)
+
+
+def _padded(rows: list[list[int]], pad_id: int, pad_multiple: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """rows right-padded to a multiple of pad_multiple (at least one column), and where
+    they hold tokens."""
+    width = max(1, max(len(r) for r in rows))
+    width = -(-width // pad_multiple) * pad_multiple
+    tokens = np.full((len(rows), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(rows), width), dtype=bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+        mask[i, :len(r)] = True
+    return tokens, mask

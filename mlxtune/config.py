@@ -8,20 +8,17 @@ relative to that file's folder, so a config works from any working directory.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import yaml
 
+from mlxtune.config_read import apply_override, build
+from mlxtune.config_rules import check as _check
 from mlxtune.errors import ConfigError
 
 PACKAGED_DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_ITERS = 600
 
 
 def _choices(*values, **extra):
@@ -349,7 +346,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}")
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     cfg = from_dict(raw, where=str(path))
     _resolve_paths(cfg, path.parent)
     cfg.source = str(path.resolve())
@@ -357,242 +354,9 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def from_dict(raw: dict, where: str = "<config>") -> Config:
-    cfg = _build(Config, raw, "", where)
+    cfg = build(Config, raw, "", where)
     _check(cfg, where)
     return cfg
-
-
-def _apply_override(raw: dict, item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set train.iters=50")
-    key, _, value = item.partition("=")
-    key = key.strip()
-    parts = key.split(".")
-    if not all(parts):
-        raise ConfigError(f"--set {item}: invalid key {key!r}")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    node = raw
-    for p in parts[:-1]:
-        if not isinstance(node.get(p), dict):
-            node[p] = {}
-        node = node[p]
-    node[parts[-1]] = parsed
-
-
-# A decimal number as people write it (1e-4, 2E-4, 5., .5e-3); not nan or inf.
-_FLOAT_LITERAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _type_name(t) -> str:
-    origin = typing.get_origin(t)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(t) if a is not type(None))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(t)[0])}"
-    if dataclasses.is_dataclass(t):
-        return "mapping"
-    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(t, str(t))
-
-
-def _build(cls, raw: Any, prefix: str, where: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else (
-                f" (known keys here: {', '.join(fields)})")
-            raise ConfigError(f"{where}: {dotted}: unknown key{hint}")
-        kwargs[key] = _convert(hints[key], value, dotted, where, fields[key])
-    return cls(**kwargs)
-
-
-def _convert(t, value, dotted: str, where: str, f=None):
-    origin = typing.get_origin(t)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(t) if a is not type(None)]
-        if value is None:
-            if len(args) < len(typing.get_args(t)):
-                return None
-            raise ConfigError(f"{where}: {dotted}: must be set ({_type_name(t)})")
-        errors = []
-        for a in args:
-            try:
-                return _convert(a, value, dotted, where, f)
-            except ConfigError as e:
-                errors.append(e)
-        if len(args) == 1:
-            raise errors[-1]
-        # A value of the right type but not among the choices says what the choices are.
-        choice = [e for e in errors if "is not one of" in str(e)]
-        raise choice[0] if choice else ConfigError(
-            f"{where}: {dotted}: expected {_type_name(t)}, got {value!r}")
-    if dataclasses.is_dataclass(t):
-        if value is None:
-            return t()
-        return _build(t, value, dotted + ".", where)
-    if origin is list:
-        (item_t,) = typing.get_args(t)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: {dotted}: expected a list, got {value!r}")
-        return [_convert(item_t, v, f"{dotted}[{i}]", where) for i, v in enumerate(value)]
-    if t is float and isinstance(value, str) and _FLOAT_LITERAL.match(value.strip()):
-        # YAML 1.1 reads 1e-4 and 2E-4 (an exponent without a dot) as strings.
-        value = float(value.strip())
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, (str, int, float)) and not isinstance(value, bool),
-    }.get(t)
-    if ok is None:
-        raise TypeError(f"unsupported config type {t}")
-    if not ok:
-        raise ConfigError(f"{where}: {dotted}: expected {_type_name(t)}, got {value!r}")
-    value = t(value)
-    meta = f.metadata if f is not None else {}
-    if "choices" in meta and value not in meta["choices"]:
-        options = ", ".join(str(c).lower() if isinstance(c, bool) else str(c)
-                            for c in meta["choices"])
-        raise ConfigError(f"{where}: {dotted}: {value!r} is not one of: {options}")
-    if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{where}: {dotted}: must be >= {meta['min']}, got {value!r}")
-    if "max" in meta and value > meta["max"]:
-        raise ConfigError(f"{where}: {dotted}: must be <= {meta['max']}, got {value!r}")
-    return value
-
-
-def _check(cfg: Config, where: str) -> None:
-    """Rules that span several keys."""
-    d = cfg.data
-    if d.path and (d.train or d.valid or d.test):
-        raise ConfigError(f"{where}: data.path: give either data.path (one file split by "
-                          "data.split) or data.train/valid/test files, not both")
-    if d.hub is not None:
-        if d.path or d.train or d.valid or d.test:
-            given = "data.path" if d.path else "data.train/valid/test"
-            raise ConfigError(f"{where}: data.hub: give either data.hub (a Hugging Face "
-                              f"dataset) or {given}, not both")
-        if not d.hub.id or not str(d.hub.id).strip():
-            raise ConfigError(f"{where}: data.hub.id: the dataset's id is required (e.g. "
-                              "HuggingFaceH4/no_robots)")
-    elif not d.path and not d.train:
-        raise ConfigError(f"{where}: data.train: no training data (set data.train, "
-                          "data.path with data.split, or data.hub)")
-    if d.path and d.split.valid + d.split.test >= 1.0:
-        raise ConfigError(f"{where}: data.split: valid + test must leave data for training")
-    t = cfg.train
-    if t.epochs is not None and t.iters is not None:
-        raise ConfigError(f"{where}: train.epochs: give train.iters or train.epochs, not both")
-    if t.epochs is None and t.iters is None:
-        t.iters = DEFAULT_ITERS
-    o = cfg.objective
-    if o.type != "dpo" and o.loss != "sigmoid":
-        raise ConfigError(f"{where}: objective.loss: {o.loss} is a DPO loss; {o.type} has none")
-    if o.type != "dpo" and o.precompute_reference:
-        raise ConfigError(f"{where}: objective.precompute_reference: {o.type} has no reference "
-                          "model (only dpo does)")
-    if o.type != "dpo" and o.rpo_alpha:
-        raise ConfigError(f"{where}: objective.rpo_alpha: adds an NLL term to DPO; {o.type} "
-                          "does not use it (orpo has its own NLL term)")
-    if o.type == "dpo" and o.loss in ("ipo", "hinge") and o.label_smoothing:
-        raise ConfigError(f"{where}: objective.label_smoothing: the {o.loss} loss does not use "
-                          "it (sigmoid and robust do)")
-    if o.beta == 0 and o.type in ("dpo", "simpo"):
-        raise ConfigError(f"{where}: objective.beta: must be > 0 for {o.type}")
-    _check_grpo(cfg, where)
-    if cfg.adapter.rank > 4096:
-        raise ConfigError(f"{where}: adapter.rank: {cfg.adapter.rank} is implausibly large")
-    _check_adapter(cfg, where)
-    cfg.train.report_to = _trackers(cfg.train.report_to, where)
-    if not str(cfg.name).strip() or "/" in str(cfg.name):
-        raise ConfigError(f"{where}: name: must be a non-empty name without '/'")
-
-
-def _check_adapter(cfg: Config, where: str) -> None:
-    """adapter.type against the keys that go with it."""
-    a, t, o = cfg.adapter, cfg.train, cfg.objective
-    if a.type == "full":
-        if t.lora_plus_ratio is not None:
-            raise ConfigError(f"{where}: train.lora_plus_ratio: LoRA+ sets the learning rate "
-                              "of LoRA's B matrices; adapter.type full has none")
-        if a.rslora:
-            raise ConfigError(f"{where}: adapter.rslora: scales a LoRA update; adapter.type "
-                              "full has none")
-        q = cfg.model.quantize
-        if q is not None and q.format != "none":
-            raise ConfigError(f"{where}: model.quantize: adapter.type full trains every weight "
-                              "and needs a dense base (remove model.quantize, or use lora / "
-                              "dora for a quantized base)")
-        if o.type == "dpo" and not o.precompute_reference:
-            raise ConfigError(f"{where}: objective.precompute_reference: dpo with adapter.type "
-                              "full needs it true (the reference is the starting weights: "
-                              "computed once before training instead of keeping a second "
-                              "copy of every trained weight)")
-        if o.type == "grpo" and o.beta:
-            raise ConfigError(f"{where}: objective.beta: grpo's KL term with adapter.type full "
-                              "would need the starting weights beside the trained ones (a "
-                              "second copy of every trained weight, for new completions each "
-                              "step); set objective.beta: 0 (as DAPO and Dr. GRPO do) or use "
-                              "adapter.type lora / dora")
-
-
-# GRPO's own keys, and their defaults (set on another objective: an error).
-GRPO_KEYS = {"group_size": 8, "temperature": 1.0, "top_p": 1.0, "max_completion_tokens": 256,
-             "epsilon": 0.2, "epsilon_high": None, "loss_type": "dapo",
-             "scale_rewards": "group", "mask_truncated_completions": False,
-             "num_iterations": 1, "rewards": [], "dense_base": "auto"}
-
-
-def _check_grpo(cfg: Config, where: str) -> None:
-    """objective.type grpo and its keys (mlxtune.objectives.rewards checks each reward)."""
-    o = cfg.objective
-    if o.type != "grpo":
-        for key, default in GRPO_KEYS.items():
-            if getattr(o, key) != default:
-                raise ConfigError(f"{where}: objective.{key}: a grpo key; objective.type "
-                                  f"{o.type} does not use it")
-        return
-    if o.group_size < 2:
-        raise ConfigError(f"{where}: objective.group_size: must be >= 2, got {o.group_size} "
-                          "(advantages compare the completions of one prompt with each other)")
-    if not o.rewards:
-        raise ConfigError(f"{where}: objective.rewards: grpo needs at least one reward, e.g. "
-                          "[{name: json_valid, weight: 1.0}]")
-    from mlxtune.objectives import rewards
-
-    rewards.check(o.rewards, where)
-
-
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
-
-
-def _trackers(names: list[str], where: str) -> list[str]:
-    """train.report_to: known names, lower case, each once; "none" alone means none."""
-    out = []
-    if len(names) == 1 and "," in str(names[0]):  # report_to: tensorboard,wandb
-        names = str(names[0]).split(",")
-    for i, name in enumerate(names):
-        n = str(name).strip().lower()
-        if n == "none" and len(names) == 1:
-            return []
-        if n not in TRACKERS:
-            close = difflib.get_close_matches(n, TRACKERS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: train.report_to[{i}]: unknown tracker {name!r}{hint}; "
-                              f"known: {', '.join(TRACKERS)} (or none)")
-        if n not in out:
-            out.append(n)
-    return out
 
 
 def _get(cfg: Config, dotted: str):

@@ -509,3 +509,58 @@ def test_a_quantized_base_is_dequantized_once_for_the_run(grpo_dir, capsys, dens
     assert code == 0, out.err
     assert ("grpo: the quantized base computes dequantized" in out.err) == dense
     assert len(trains(grpo_dir / "run")) == 2
+
+
+def test_group_preferences_script(grpo_dir, tmp_path):
+    """scripts/make_group_preferences.py on a tiny model: per prompt, the group's best
+    completion against its worst by the config's rewards (recomputed here from the texts),
+    groups without a spread left out, the record's other keys kept, and preference data
+    that mlxtune reads."""
+    import subprocess
+    import sys
+
+    from mlxtune.data.records import read_records
+    from tiny import save_random_adapter
+
+    (grpo_dir / "r.py").write_text(
+        "def vowels(prompts, completions, **kw):\n"
+        "    texts = [c[-1]['content'] for c in completions]\n"
+        "    return [sum(ch in 'aeiou' for ch in t) / max(len(t), 1) for t in texts]\n")
+    save_random_adapter(grpo_dir / "sft", rank=8, alpha=16)
+    cfg = yaml.safe_load((grpo_dir / "config.yaml").read_text())
+    cfg["model"]["adapter"] = str(grpo_dir / "sft")
+    cfg["objective"]["rewards"] = [{"function": "r.py:vowels", "weight": 2.0}]
+    cfg["objective"]["max_completion_tokens"] = 12
+    (grpo_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "pairs"
+    done = subprocess.run([sys.executable, str(root / "scripts" / "make_group_preferences.py"),
+                           "--config", str(grpo_dir / "config.yaml"), "--group", "4",
+                           "--train", "6", "--valid", "0", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "pairs-train.jsonl").read_text().splitlines()]
+    assert 0 < len(rows) <= 6
+    assert f"{len(rows)} pairs from 6 prompts" in done.stderr
+
+    def reward(text):
+        return 2.0 * sum(ch in "aeiou" for ch in text) / max(len(text), 1)
+
+    for r in rows:
+        best, worst = r["chosen"][-1]["content"], r["rejected"][-1]["content"]
+        assert r["rewards"] == pytest.approx([reward(best), reward(worst)])
+        assert reward(best) > reward(worst)
+        assert r["user"].startswith("u") and r["prompt"][-1]["role"] == "user"
+    records, fmt = read_records(tmp_path / "pairs-train.jsonl")
+    assert fmt == "preference" and len(records) == len(rows)
+    assert (tmp_path / "pairs-valid.jsonl").read_text() == ""
+    assert (tmp_path / "pairs-heldout.jsonl").read_text() == ""  # no test split here
+    # the choice itself: the first of the best, the first of the worst, no pair on a tie
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_group_preferences", root / "scripts" / "make_group_preferences.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.pick_pairs([1.0, 1.0, 0.5, 1.0, 0.2, 0.2, 0.2, 0.2, 0.0, 0.3, 0.0, 0.1],
+                             4) == [(0, 2), None, (9, 8)]

@@ -161,21 +161,8 @@ def collate(prompts: list[list[int]], completions: list[Completion], group_size:
     """(tokens, mask) [R, L]: row i is prompt i // group_size + completion i (and its stop
     token), right-padded to a multiple of pad_multiple; the mask on the completion's tokens
     (none for a truncated completion with mask_truncated)."""
-    rows, masks = [], []
-    for i, c in enumerate(completions):
-        p = prompts[i // group_size]
-        answer = c.tokens + ([c.stop] if c.stopped else [])
-        rows.append(p + answer)
-        on = not (mask_truncated and not c.stopped)
-        masks.append([False] * len(p) + [on] * len(answer))
-    width = max(len(r) for r in rows)
-    width = -(-width // pad_multiple) * pad_multiple
-    tokens = np.full((len(rows), width), pad_id, dtype=np.int32)
-    mask = np.zeros((len(rows), width), dtype=bool)
-    for i, (r, m) in enumerate(zip(rows, masks)):
-        tokens[i, :len(r)] = r
-        mask[i, :len(m)] = m
-    return mx.array(tokens), mx.array(mask)
+    lead = [prompts[i // group_size] for i in range(len(completions))]
+    return _completion_rows(lead, completions, pad_id, pad_multiple, mask_truncated)
 
 
 def collate_shared(prompts: list[list[int]], completions: list[Completion], group_size: int,
@@ -185,17 +172,25 @@ def collate_shared(prompts: list[list[int]], completions: list[Completion], grou
     mask) [R, W]: row i is its prompt's last token, then completion i (and its stop token),
     right-padded to a multiple of pad_multiple, the mask as `collate`'s; (prompts [R /
     group_size, P], lengths): each prompt less its last token, right-padded (P >= 1)."""
+    lead = [prompts[i // group_size][-1:] for i in range(len(completions))]
+    tokens, mask = _completion_rows(lead, completions, pad_id, pad_multiple, mask_truncated)
     heads = [p[:-1] for p in prompts]
-    rows = [[prompts[i // group_size][-1]] + c.tokens + ([c.stop] if c.stopped else [])
-            for i, c in enumerate(completions)]
-    tokens, mask = _padded(rows, pad_id, pad_multiple)
-    for i, c in enumerate(completions):
-        if mask_truncated and not c.stopped:
-            mask[i] = False
-    mask[:, 0] = False
     heads_arr, _ = _padded(heads, pad_id, pad_multiple)
     lengths = np.array([len(h) for h in heads], dtype=np.int32)
-    return mx.array(tokens), mx.array(mask), mx.array(heads_arr), mx.array(lengths)
+    return tokens, mask, mx.array(heads_arr), mx.array(lengths)
+
+
+def _completion_rows(lead: list[list[int]], completions: list[Completion], pad_id: int,
+                     pad_multiple: int, mask_truncated: bool) -> tuple[mx.array, mx.array]:
+    """Rows lead[i] + completion i (and its stop token), padded; the mask on the
+    completion's tokens (none for a truncated one with mask_truncated)."""
+    rows = [h + c.tokens + ([c.stop] if c.stopped else []) for h, c in zip(lead, completions)]
+    tokens, mask = _padded(rows, pad_id, pad_multiple)
+    for i, (h, c) in enumerate(zip(lead, completions)):
+        mask[i, :len(h)] = False
+        if mask_truncated and not c.stopped:
+            mask[i] = False
+    return mx.array(tokens), mx.array(mask)
 
 
 def _padded(rows: list[list[int]], pad_id: int, pad_multiple: int

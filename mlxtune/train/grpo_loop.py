@@ -57,7 +57,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlxtune import adapters
+from mlxtune import adapters, decode
 from mlxtune.errors import DataError, TrainingStopped
 from mlxtune.objectives import grpo, rollout
 from mlxtune.train.loop import PAD_MULTIPLE, Trainer, step_seed
@@ -145,8 +145,6 @@ class GRPOTrainer(Trainer):
         # Each prompt through the model once for its group (objectives.grpo, "shared
         # prompts"), unless the step's rows are cut into parts (max_batch_tokens, streams:
         # the parts are rows) or the model's cache is not a plain KV cache.
-        from mlxtune import decode
-
         self.shared = (decode.batchable(self.model) and not self.cfg.train.max_batch_tokens
                        and self.n_streams == 1)
         # Shared batches pad less: completions are short, so PAD_MULTIPLE's 32 would be up

@@ -5,16 +5,17 @@
         --out data/quickstart/preferences-group
 
 Reads a grpo run's config for the model, the adapter it starts from (model.adapter: the
-SFT run's adapter), the data and its split, the sampling (group_size or --group, temperature, top_p,
-max_completion_tokens) and the rewards. For `--train` prompts of the train split and
-`--valid` of the valid split (drawn at random with train.seed), it samples group_size
-completions of each from the SFT model, as a GRPO rollout does (mlxtune.decode), and
-scores them with objective.rewards against the prompt's reference. A group whose best
-total reward beats its worst gives one pair: chosen = the best completion, rejected = the
-worst (ties: the first sampled); a group without a spread gives none. Both answers are the
-model's own: the pair says what the rewards prefer among things the policy writes, not
-about answers it would never write (the written pairs' weakness: README, "The quickstart's
-DPO"). The test split is never read.
+SFT run's adapter), the data and its split, the sampling (group_size or --group,
+temperature, top_p, max_completion_tokens) and the rewards. For `--train` prompts of the
+train split and `--valid` of the valid split (drawn at random with train.seed), it samples
+group_size completions of each from the SFT model, as a GRPO rollout does
+(mlxtune.decode), and scores them as it does (rollout.score) with objective.rewards
+against the prompt's reference. A group whose best total reward beats its worst gives one
+pair: chosen = the best completion, rejected = the worst (ties: the first sampled); a
+group without a spread gives none. Both answers are the model's own: the pair says what
+the rewards prefer among things the policy writes, not about answers it would never write
+(the written pairs' weakness: README, "The quickstart's DPO"). The test split is never
+read.
 
 Writes OUT-train.jsonl and OUT-valid.jsonl (prompt, chosen, rejected as conversations;
 the record's other keys, e.g. "user"; and "rewards": the two totals), and OUT-heldout.jsonl:
@@ -130,16 +131,7 @@ def main() -> int:
                 gens = rollout.sample(model, [it.tokens for it in part], group, stops,
                                       o.max_completion_tokens, o.temperature, o.top_p,
                                       seed=cfg.train.seed + k + (0 if split == "train" else 10**6))
-                texts = [tok.decode(g.tokens) for g in gens]
-                owner = [part[i // group] for i in range(len(gens))]
-                completions = [[{"role": "assistant", "content": t}]
-                               if isinstance(it.prompt, list) else t
-                               for it, t in zip(owner, texts)]
-                columns = {key: [it.columns.get(key) for it in owner]
-                           for key in dict.fromkeys(c for it in part for c in it.columns)}
-                columns.setdefault("reference", [it.reference for it in owner])
-                _, total = rewards([it.prompt for it in owner], completions,
-                                   [g.tokens for g in gens], columns)
+                owner, texts, _, total = rollout.score(tok, rewards, part, gens, group)
                 for pair in pick_pairs(total, group):
                     if pair is None:
                         continue

@@ -152,6 +152,24 @@ def sample(model: nn.Module, prompts: list[list[int]], group_size: int, stop_ids
     return [Completion(r.tokens, r.stopped, r.stop) for r in out]
 
 
+def score(tokenizer, rewards, items: list[Prompt], gens: list[Completion], group: int):
+    """(the prompt of each completion, the texts, the reward table [N, R], the weighted
+    total [N]) of completions sampled `group` per prompt, scored by `rewards`
+    (objectives.rewards.Rewards) with TRL's arguments: the prompts, the completions (a
+    message list for conversational prompts), the records' other columns and the
+    reference."""
+    texts = [tokenizer.decode(g.tokens) for g in gens]
+    owner = [items[i // group] for i in range(len(gens))]
+    completions = [[{"role": "assistant", "content": t}]
+                   if isinstance(p.prompt, list) else t for p, t in zip(owner, texts)]
+    columns = {key: [p.columns.get(key) for p in owner]
+               for key in dict.fromkeys(c for p in items for c in p.columns)}
+    columns.setdefault("reference", [p.reference for p in owner])
+    table, total = rewards([p.prompt for p in owner], completions,
+                           [g.tokens for g in gens], columns)
+    return owner, texts, table, total
+
+
 # ----------------------------------------------------------------------------- the batch
 
 

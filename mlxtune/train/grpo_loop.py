@@ -187,20 +187,6 @@ class GRPOTrainer(Trainer):
         mx.eval(lp)
         return lp
 
-    def _score(self, items: list, gens: list, group: int):
-        """(the prompt of each completion, the texts, the reward table [N, R], the weighted
-        total [N]) of completions sampled `group` per prompt."""
-        texts = [self.tokenizer.decode(g.tokens) for g in gens]
-        owner = [items[i // group] for i in range(len(gens))]
-        completions = [[{"role": "assistant", "content": t}]
-                       if isinstance(p.prompt, list) else t for p, t in zip(owner, texts)]
-        columns = {key: [p.columns.get(key) for p in owner]
-                   for key in dict.fromkeys(c for p in items for c in p.columns)}
-        columns.setdefault("reference", [p.reference for p in owner])
-        table, total = self.rewards([p.prompt for p in owner], completions,
-                                    [g.tokens for g in gens], columns)
-        return owner, texts, table, total
-
     def _make(self, k: int, path: Path) -> tuple[list[tuple], dict]:
         o, t, w = self.cfg.objective, self.cfg.train, self.world
         G = o.group_size
@@ -213,7 +199,8 @@ class GRPOTrainer(Trainer):
                 gens = rollout.sample(self.model, [p.tokens for p in items], G, self.stop_ids,
                                       o.max_completion_tokens, o.temperature, o.top_p,
                                       seed=step_seed(t.seed, unit))
-                units.append((items, gens, *self._score(items, gens, G)))
+                scored = rollout.score(self.tokenizer, self.rewards, items, gens, G)
+                units.append((items, gens, *scored))
             # [total, length, truncated, each reward] per completion, of the whole batch
             local = np.concatenate([np.column_stack([
                 total, [len(g.tokens) + g.stopped for g in gens],
@@ -363,7 +350,7 @@ class GRPOTrainer(Trainer):
                 items = [self.valid_set[i] for i in idx]
                 gens = rollout.sample(self.model, [p.tokens for p in items], 1, self.stop_ids,
                                       o.max_completion_tokens, temperature=0.0)
-                _, _, table, total = self._score(items, gens, 1)
+                _, _, table, total = rollout.score(self.tokenizer, self.rewards, items, gens, 1)
                 sums[:4] += (total.sum(), len(gens), sum(len(g.tokens) + g.stopped for g in gens),
                              sum(not g.stopped for g in gens))
                 ok = ~np.isnan(table)

@@ -167,6 +167,7 @@ class RewardConfig:
     schema: Optional[str] = None   # json_schema: a JSON Schema file
     pattern: Optional[str] = None  # regex: matched anywhere (re.search)
     target: Optional[int] = None   # length: completion tokens before the penalty starts
+    lists: Optional[str] = None    # field_match: exact (default) | jaccard (partial credit)
 
 
 @dataclass

@@ -49,6 +49,25 @@ def test_field_match():
     assert got == [1.0, 0.5, 0.25, 0.0, 0.0, None]
 
 
+def test_field_match_jaccard_lists():
+    # lists: jaccard: a list field scores |a & b| / |a | b| over its items as sets; the
+    # other fields, and a list against a non-list, as before.
+    ref = json.dumps({"a": 1, "tags": ["x", "y", "z"], "none": []})
+    spec = RewardConfig(name="field_match", lists="jaccard")
+    got, _ = score(spec, [ref,
+                          '{"a": 1, "tags": ["x", "y"], "none": []}',         # 2/3
+                          '{"a": 1, "tags": ["z", "y", "x"], "none": ["q"]}',  # 1, 0
+                          '{"a": 2, "tags": ["x", "w"], "none": []}',          # 1/4
+                          '{"a": 1, "tags": "x y z", "none": null}',           # 0, 0
+                          '{"a": 1, "tags": [{"k": 1}, "x"]}'],                # 1/4, missing
+                   reference=[ref] * 6)
+    assert got == pytest.approx([1.0, (1 + 2 / 3 + 1) / 3, (1 + 1 + 0) / 3,
+                                 (0 + 1 / 4 + 1) / 3, 1 / 3, (1 + 1 / 4) / 3], abs=1e-12)
+    exact, _ = score(RewardConfig(name="field_match", lists="exact"),
+                     ['{"a": 1, "tags": ["x", "y"], "none": []}'], reference=[ref])
+    assert exact == [pytest.approx(2 / 3)]
+
+
 def test_exact_match_is_normalised():
     got, _ = score(RewardConfig(name="exact_match"),
                    ["  Hello   World\n", "hello world", "hello  worlds", "x"],
@@ -125,6 +144,12 @@ def test_config_errors_name_the_key(tmp_path):
          "objective.rewards[0].function: 'nofunc': expected file.py:function"),
         ({"type": "grpo", "loss_type": "ppo", "rewards": [{"name": "json_valid"}]},
          "objective.loss_type: 'ppo' is not one of: dapo, grpo, dr_grpo"),
+        ({"type": "grpo", "rewards": [{"name": "field_match", "lists": "sets"}]},
+         "objective.rewards[0].lists: 'sets': expected exact or jaccard"),
+        ({"type": "grpo", "rewards": [{"name": "json_valid", "lists": "jaccard"}]},
+         "objective.rewards[0].lists: the json_valid reward does not use it"),
+        ({"type": "grpo", "rewards": [{"function": "a.py:f", "lists": "jaccard"}]},
+         "objective.rewards[0].lists: a function reward takes no lists"),
         ({"type": "sft", "num_iterations": 2}, "objective.num_iterations: a grpo key"),
         ({"type": "dpo", "dense_base": True}, "objective.dense_base: a grpo key"),
     ]

@@ -21,7 +21,11 @@ after stripping surrounding whitespace):
   Schema file (formats checked, as `mlxtune eval`'s schema match), else 0.
 - `field_match`: the share of the reference JSON object's top-level fields that the
   completion (a JSON object) has with an equal value; 0 for invalid JSON; None where the
-  reference is not a JSON object.
+  reference is not a JSON object. `lists: jaccard` gives a list field partial credit: the
+  Jaccard index of the two lists' items taken as sets (1 for two empty lists), where the
+  default (`lists: exact`) credits a list only when it equals the reference. Exact credit
+  makes the empty list the safe answer for a policy that samples list items: a sampled
+  list is rarely the reference's, and [] at least matches the references without items.
 - `exact_match`: 1 when completion and reference are equal after normalising (case folded,
   runs of whitespace as one space, stripped), else 0; None without a reference.
   These two need reference answers: a run whose prompts have none (prompt-only records) is
@@ -48,8 +52,10 @@ import numpy as np
 from mlxtune.errors import ConfigError, TrainingStopped
 
 BUILT_IN = ("json_valid", "json_schema", "field_match", "exact_match", "regex", "length")
-# The keys each built-in needs (beyond name and weight).
+# The keys each built-in needs (beyond name and weight), and those it may take.
 NEEDS = {"json_schema": "schema", "regex": "pattern", "length": "target"}
+OPTIONAL = {"field_match": "lists"}
+LIST_CREDIT = ("exact", "jaccard")
 
 
 class RewardError(TrainingStopped):
@@ -99,8 +105,9 @@ def json_schema(prompts, completions, *, schema, **_):
     return out
 
 
-def field_match(prompts, completions, reference=None, **_):
+def field_match(prompts, completions, reference=None, *, lists="exact", **_):
     refs = reference if reference is not None else [None] * len(completions)
+    credit = _list_credit if lists == "jaccard" else _equal
     out = []
     for c, r in zip(completions, refs):
         ref = _parse(r)
@@ -111,9 +118,21 @@ def field_match(prompts, completions, reference=None, **_):
         if not isinstance(got, dict):
             out.append(0.0)
             continue
-        same = sum(k in got and _equal(got[k], v) for k, v in ref.items())
+        same = sum(credit(got[k], v) for k, v in ref.items() if k in got)
         out.append(same / len(ref))
     return out
+
+
+def _list_credit(a, b) -> float:
+    """Jaccard index of two lists' items (as sets) where both are lists, else equality."""
+    if not (isinstance(a, list) and isinstance(b, list)):
+        return float(_equal(a, b))
+    if _equal(a, b):
+        return 1.0
+    # Items compared by their JSON text: unhashable items (objects, lists) count too.
+    sa = {json.dumps(x, sort_keys=True) for x in a}
+    sb = {json.dumps(x, sort_keys=True) for x in b}
+    return len(sa & sb) / len(sa | sb)
 
 
 def _equal(a, b) -> bool:
@@ -216,7 +235,8 @@ def check(specs: list, where: str = "<config>") -> None:
             if not sep or not module or not func:
                 raise ConfigError(f"{where}: {key}.function: {function!r}: expected "
                                   "file.py:function or module:function")
-            extra = [k for k in NEEDS.values() if getattr(spec, k) is not None]
+            extra = [k for k in (*NEEDS.values(), *OPTIONAL.values())
+                     if getattr(spec, k) is not None]
             if extra:
                 raise ConfigError(f"{where}: {key}.{extra[0]}: a function reward takes no "
                                   f"{extra[0]}")
@@ -229,9 +249,13 @@ def check(specs: list, where: str = "<config>") -> None:
         need = NEEDS.get(name)
         if need and getattr(spec, need) is None:
             raise ConfigError(f"{where}: {key}.{need}: the {name} reward needs it")
-        for other in NEEDS.values():
-            if other != need and getattr(spec, other) is not None:
+        optional = OPTIONAL.get(name)
+        for other in (*NEEDS.values(), *OPTIONAL.values()):
+            if other not in (need, optional) and getattr(spec, other) is not None:
                 raise ConfigError(f"{where}: {key}.{other}: the {name} reward does not use it")
+        if name == "field_match" and spec.lists is not None and spec.lists not in LIST_CREDIT:
+            raise ConfigError(f"{where}: {key}.lists: {spec.lists!r}: expected "
+                              f"{' or '.join(LIST_CREDIT)}")
         if name == "regex":
             try:
                 re.compile(spec.pattern)
@@ -271,6 +295,8 @@ def build(specs: list, where: str = "<config>") -> Rewards:
                 options["pattern"] = re.compile(spec.pattern)
             elif name == "length":
                 options["target"] = int(spec.target)
+            elif name == "field_match" and spec.lists is not None:
+                options["lists"] = spec.lists
         seen[metric] = seen.get(metric, 0) + 1
         if seen[metric] > 1:
             metric = f"{metric}_{seen[metric]}"

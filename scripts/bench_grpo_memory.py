@@ -8,6 +8,9 @@ decoded back to text: prompt and completion, as `text` records), with batch = pr
 group, each batch one row per example, and prints the largest `peak_memory_gb` of each
 run's train events (MLX's peak since the model was loaded: GRPO's includes its rollouts)
 and their ratio. Both runs hold one copy of the base (GRPO's beta is 0, as TRL's default).
+Also prints the planner's peak for the GRPO run, its rows planned at the longest row it
+trained on (`grpo_planned_gb`), and whether the step computed each prompt once per group
+(`shared_prompts`, the planner's view; the rollout files hold the prompts apart then).
 
     .venv/bin/python scripts/bench_grpo_memory.py [--batch 2 --group 8 --completion 64]
 """
@@ -70,18 +73,24 @@ def main(argv=None) -> None:
     if not _peaks(grpo_dir) if grpo_dir.exists() else True:  # --work: measured already
         grpo_dir, _ = run(grpo, grpo_dir, quiet=True, evaluate=False, memory_check=False)
 
-    # The rows GRPO trained on, decoded back to text.
+    # The rows GRPO trained on, decoded back to text: a micro-batch's arrays are tokens,
+    # mask, advantages, and with shared prompts (objectives.grpo) the prompts (less their
+    # last token) and their lengths, the rows then starting at the prompt's last token.
     tokenizer = load(grpo.model).tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1
     texts, width = [], 0
     for f in sorted((grpo_dir / "rollouts").glob("*.npz")):
         outer = np.load(f)
         inner = np.load(io.BytesIO(outer["rank0"].tobytes()))
-        for key in sorted(k for k in inner.files if k.endswith("_a0")):
-            tokens = inner[key]
-            width = max(width, tokens.shape[1])
-            for row in tokens:
-                ids = [int(t) for t in row if int(t) != pad]
+        for m in sorted({k.split("_")[0] for k in inner.files}):
+            tokens, mask = inner[f"{m}_a0"], inner[f"{m}_a1"]
+            shared = f"{m}_a4" in inner.files
+            for i, row in enumerate(tokens):
+                end = int(np.nonzero(mask[i])[0].max()) + 1 if mask[i].any() else 1
+                ids = [int(t) for t in row[:end]]
+                if shared:
+                    j = i // args.group
+                    ids = [int(t) for t in inner[f"{m}_a3"][j][:inner[f"{m}_a4"][j]]] + ids
+                width = max(width, len(ids))
                 texts.append(tokenizer.decode(ids))
     sft_data = work / "sft.jsonl"
     sft_data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -93,10 +102,20 @@ def main(argv=None) -> None:
                   "eval_every": 0, "save_every": 0, "log_every": 1, "seed": 0}})
     sft_dir, _ = run(sft, work / "sft", quiet=True, evaluate=False, memory_check=False)
 
+    from dataclasses import replace
+
+    from mlxtune import memory
+
+    # The planner's peak for this machine, its rows at the longest row GRPO trained on.
+    at_width = replace(grpo, data=replace(grpo.data, max_seq_len=width))
+    planned = memory.fit(at_width, memory.tiers_mod.this_machine(),
+                         memory.resolve_shape(grpo.model), with_hints=False).breakdown
     g, s = max(_peaks(grpo_dir)), max(_peaks(sft_dir))
     print(json.dumps({"grpo_peak_gb": round(g, 3), "sft_peak_gb": round(s, 3),
                       "ratio": round(g / s, 3), "rows": args.batch * args.group,
                       "grpo_dense_base": args.dense_base,
+                      "grpo_planned_gb": round(planned.peak / 1e9, 3),
+                      "shared_prompts": planned.workload.shared_prompts,
                       "rollout_width": width, "work": str(work)}))
 
 

@@ -115,6 +115,28 @@ def test_shape_from_config_defaults_and_multimodal_wrapper():
         from_config({"num_hidden_layers": 2}, "x", "here")
 
 
+@pytest.mark.parametrize("config", [
+    {"model_type": "llama"}, {"model_type": "qwen2"},
+    {"model_type": "llama", "sliding_window": 8,
+     "layer_types": ["full_attention", "sliding_attention"]},
+    {"model_type": "gemma3_text", "sliding_window": 8, "sliding_window_pattern": 2,
+     "head_dim": 16, "query_pre_attn_scalar": 16}])
+def test_plain_kv_cache_as_the_decoder_finds_it(config):
+    """The planner's plain_kv_cache (GRPO's shared prompts) from config.json alone agrees
+    with mlxtune.decode.batchable on the model mlx_lm builds from the same config."""
+    import importlib
+
+    from mlxtune import decode
+    from mlxtune.memory.shapes import from_config
+
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+              "rms_norm_eps": 1e-5, **config}
+    family = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = family.Model(family.ModelArgs.from_dict(config))
+    assert from_config(config, "x", "here").plain_kv_cache == decode.batchable(model)
+
+
 def test_shape_of_a_folder_matches_the_loaded_model(tiny_model_dir):
     from mlxtune import models
     from mlxtune.config import ModelConfig
@@ -664,10 +686,29 @@ def test_grpo_plans_the_groups_and_the_rollout(monkeypatch):
     resident = sum(b.items[k] for k in ("base weights", "LoRA adapter", "optimizer state"))
     assert b.rollout > resident + kv + sampling
     assert b.peak == max(sum(b.items.values()), b.rollout)
+    # The step computes each prompt once for its group: 4 prompts of at most 256 - 1 - 64
+    # positions less their last token, 32 rows of 64 + 1; in every adapted block the
+    # prompts' keys and values repeated for the group, and joined to the rows' own.
+    assert w.shared_prompts and w.tokens == 4 * (191 - 1) + 32 * 65
+    assert b.items["attention"] >= s.num_layers * 32 * (190 + 190 + 65) * 2 * s.kv_dim * 2
+    # Scores: the prompts' pass causal over 190 positions, the rows' 65 queries over the
+    # prompt's 190 keys and their own 65 (materialised on Metal unless fused).
+    assert w.attention_scores == s.num_heads * (4 * 190 * 190 + 32 * 65 * 255)
+    from dataclasses import replace
+    assert replace(w, attention="fused").attention_scores == 0
+    # Rows cut into parts (train.max_batch_tokens), or a family whose cache is not a plain
+    # KV cache: every row computes its prompt, as an SFT batch of as many rows.
     sft = estimate(workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256,
                                                 "group_by_length": True},
                                      train={"batch_size": 32}), s, "metal"))
-    assert sum(b.items.values()) == pytest.approx(sum(sft.items.values()))  # same rows
+    for whole in (workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256},
+                                    train={"batch_size": 4, "max_batch_tokens": 10 ** 6},
+                                    objective=grpo), s, "metal"),
+                  workload(cfg, shape(vocab_size=1000, plain_kv_cache=False), "metal")):
+        assert not whole.shared_prompts and whole.tokens == 32 * 255
+        step = sum(estimate(whole).items.values())
+        assert step == pytest.approx(sum(sft.items.values()))  # same rows
+        assert sum(b.items.values()) < step
     # beta > 0 (or several iterations per rollout): a scoring pass before the step
     assert b.reference_pass is None
     scored = estimate(workload(make_cfg("x", data={"train": "x.jsonl", "max_seq_len": 256},

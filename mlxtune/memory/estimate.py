@@ -76,7 +76,7 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
     n = w.adapted_layers
     lora_out = sum(o for _, _, o in w.lora_modules)
     lora_r = w.rank * len(w.lora_modules)
-    att = s.num_heads * w.score_columns
+    scores = w.attention_scores
     f = {
         # Kept for backward by each adapted block (without checkpointing).
         "saved_d": 0.0, "saved_qkv": 0.0, "saved_ffn": 0.0, "saved_lora": 0.0,
@@ -85,7 +85,7 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
         "ckpt_d": 0.0,
         # The working set of the block whose backward runs.
         "work_d": N * c * s.hidden_size, "work_ffn": N * c * s.intermediate_size,
-        "work_att": N * c * att,
+        "work_att": c * scores,
         # Logits and cross-entropy (float32): whole, or in chunks; on the CPU kernels
         # FAST_CHUNK positions at a time, and a quantized head dequantized once for them.
         "logits": 0.0, "logits_chunked": 0.0, "logits_cpu": 0.0, "head_dense": 0.0,
@@ -112,7 +112,7 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
                  "saved_qkv": N * c * (s.q_dim + 2 * s.kv_dim),
                  "saved_ffn": N * c * s.intermediate_size,
                  "saved_lora": N * c * (lora_out + lora_r),
-                 "saved_att": N * c * att}
+                 "saved_att": c * scores}
     kept = n if not w.grad_checkpoint else 1  # checkpointing: one block recomputed at a time
     for k, v in per_block.items():
         f[k] = kept * v
@@ -128,9 +128,9 @@ def features(w: Workload, coefficients: dict | None = None) -> dict[str, float]:
         if head is not None and head.quantized:
             f["head_dense"] = head.rows * head.cols * 4.0
     elif w.chunked:
-        f["logits_chunked"] = N * s.vocab_size * 4.0
+        f["logits_chunked"] = w.loss_tokens * s.vocab_size * 4.0
     else:
-        f["logits"] = N * s.vocab_size * 4.0
+        f["logits"] = w.loss_tokens * s.vocab_size * 4.0
     if w.backend == "cpu":  # dense copies of quantized matrices for BLAS (mlxtune.quant)
         # (the head's own copy is head_dense where the CPU kernels' loss takes it)
         q = [x for x in w.weights if x.quantized and x is not head]
@@ -177,7 +177,7 @@ def cpu_loss_scratch(w: Workload) -> float:
     if w.compute_bytes == 4 and w.shape.model_type not in _SCALED_HEADS:
         rows = max(8, min(256, (64 << 20) // (4 * V)))
         return rows * (V + 2 * d) * 4.0
-    return min(w.tokens, FAST_CHUNK) * V * 4.0
+    return min(w.loss_tokens, FAST_CHUNK) * V * 4.0
 
 # Which report item each fitted feature belongs to.
 _ITEM_OF = {"saved_d": "activations", "saved_qkv": "activations", "saved_ffn": "activations",
@@ -241,8 +241,11 @@ def fixed_bytes(w: Workload) -> dict[str, float]:
     if w.packed:
         items["packing mask"] = float(w.rows * L * L)
     if c != 4:  # the head's output in the compute dtype before the float32 cast
-        chunk = min(w.tokens, w.loss_chunk) if w.chunked else w.tokens
+        chunk = min(w.loss_tokens, w.loss_chunk) if w.chunked else w.loss_tokens
         items["logits and loss"] += float(chunk * w.shape.vocab_size * c)
+    # grpo, shared prompts: each adapted block's prompt keys and values, repeated for the
+    # group's rows, are kept for its backward pass (counted, not fitted)
+    items["attention"] += float(w.adapted_layers * w.shared_kv * c)
     return items
 
 
@@ -369,6 +372,11 @@ def describe_assumptions(w: Workload) -> list[str]:
                    "cache and sampling counted from what the decoder allocates"
                    + ("; a no-gradient pass scores the rollout before the step"
                       if w.scored_before_step else ""))
+        if w.shared_prompts:
+            out.append(f"grpo step: each prompt ({w.prompt_positions} positions at most) "
+                       f"computed once for its group, the rows from its last token on "
+                       f"({w.completion_tokens + 1} positions), its keys and values repeated "
+                       "for the group")
     return out + list(w.notes)
 
 

@@ -63,6 +63,9 @@ class ModelShape:
     quantization: dict | None = None
     # Per-tensor storage of a GGUF file; None for other sources (all one dtype).
     tensors: tuple[Tensor, ...] | None = field(default=None, compare=False)
+    # Whether mlx_lm decodes the family with a plain KV cache in every layer (no sliding
+    # window, no recurrent state): GRPO's step then computes each prompt once per group.
+    plain_kv_cache: bool = True
 
     @property
     def q_dim(self) -> int:
@@ -148,12 +151,29 @@ def from_config(config: dict, name: str, source: str) -> ModelShape:
             mlp_bias=bool(config.get("mlp_bias", model_type == "starcoder2")),
             source=source,
             quantization=_mlx_quantization(config),
+            plain_kv_cache=_plain_kv_cache(model_type, config),
         )
     except KeyError as e:
         raise ModelError(f"{source}: config has no {e.args[0]} (needed to plan memory)")
     except (TypeError, ValueError) as e:
         raise ModelError(f"{source}: config has a malformed size ({e})")
     return shape
+
+
+def _plain_kv_cache(model_type: str, config: dict) -> bool:
+    """Whether mlx_lm's cache for the family is a plain KVCache in every layer, as
+    mlxtune.decode.batchable finds on the loaded model: a family whose model defines its
+    own make_cache has sliding windows or recurrent state, except llama's (sliding only
+    for the layers layer_types marks). An unknown family counts as not plain."""
+    import importlib
+
+    if "sliding_attention" in (config.get("layer_types") or []):
+        return False
+    try:
+        module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError:
+        return False
+    return model_type == "llama" or not hasattr(getattr(module, "Model", None), "make_cache")
 
 
 def _mlx_quantization(config: dict) -> dict | None:

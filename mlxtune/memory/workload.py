@@ -53,6 +53,10 @@ class Workload:
     completion_tokens: int = 0
     top_p: float = 1.0
     scored_before_step: bool = False
+    # grpo: the step computes each prompt (less its last token) once for its group and the
+    # group's rows from the prompt's last token on (objectives.grpo, "shared prompts"):
+    # where the rows are not cut into parts and the family's cache is a plain KV cache.
+    shared_prompts: bool = False
     notes: tuple = field(default=(), compare=False)
 
     @property
@@ -64,9 +68,35 @@ class Workload:
         return self.width - 1
 
     @property
+    def prompt_positions(self) -> int:
+        """grpo: a prompt's positions, at most (data.max_seq_len less the completion)."""
+        return max(self.positions - self.completion_tokens, 1)
+
+    @property
     def tokens(self) -> int:
-        """Positions the model computes in one micro-batch (N)."""
+        """Positions the model computes in one micro-batch (N): with shared prompts each
+        prompt less its last token once, and every row from that token on."""
+        if self.shared_prompts:
+            prompts = self.rows // max(self.group_size, 1)
+            return prompts * (self.prompt_positions - 1) + self.loss_tokens
         return self.rows * self.positions
+
+    @property
+    def loss_tokens(self) -> int:
+        """Positions whose logits the loss computes (a shared prompt's pass has none)."""
+        if self.shared_prompts:
+            return self.rows * (self.completion_tokens + 1)
+        return self.rows * self.positions
+
+    @property
+    def shared_kv(self) -> int:
+        """grpo, shared prompts: elements per adapted block of the keys and values the
+        rows attend to, kept for its backward pass: the prompt's, repeated for each row
+        of its group, and those joined to the row's own (objectives.grpo._AfterPrompt)."""
+        if not self.shared_prompts:
+            return 0
+        prompt, row = self.prompt_positions - 1, self.completion_tokens + 1
+        return self.rows * (2 * prompt + row) * 2 * self.shape.kv_dim
 
     @property
     def reference_pass(self) -> bool:
@@ -153,14 +183,31 @@ class Workload:
     @property
     def score_columns(self) -> float:
         """Attention scores per query position and head that are computed and kept."""
+        return self._score_columns(self.positions)
+
+    def _score_columns(self, L: int) -> float:
+        """score_columns for rows of L positions that attend causally to themselves."""
         if self.attention == "fused" or self.native_attention:
             return 0.0
-        L = self.positions
         block = _blockwise_block(self.shape.model_type, L) if self.backend == "cpu" else 0
         if not block:
             return float(L)
         total = sum((min(s + block, L) - s) * min(s + block, L) for s in range(0, L, block))
         return total / L
+
+    @property
+    def attention_scores(self) -> float:
+        """Attention score elements (all heads) one block computes and keeps. With shared
+        prompts the prompts' pass attends causally; the rows' pass, whose queries are
+        fewer than its keys (the prompt's and its own), takes MLX's attention, which keeps
+        every score unless it is fused (mlxtune.attention covers equal lengths only)."""
+        heads = self.shape.num_heads
+        if not self.shared_prompts:
+            return self.tokens * heads * self.score_columns
+        prompt, row = self.prompt_positions - 1, self.completion_tokens + 1
+        prompts = self.rows // max(self.group_size, 1)
+        rows = 0 if self.attention == "fused" else self.rows * row * (prompt + row)
+        return heads * (prompts * prompt * self._score_columns(prompt) + rows)
 
     def activation_bytes(self, coefficients: dict | None = None) -> float:
         """Bytes per activation element. On the CPU backend a 16-bit dtype has no BLAS
@@ -286,6 +333,13 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
     if micro < rows:
         notes.append(f"train.max_batch_tokens={t.max_batch_tokens}: micro-batches of {micro} "
                      f"of the {rows} rows, gradients summed")
+    # As grpo_loop decides: rows cut into parts (max_batch_tokens, CPU streams) or a
+    # cache that is not a plain KV cache compute every row whole.
+    streams = t.cpu_streams if backend == "cpu" else 1
+    shared = grpo and not t.max_batch_tokens and streams <= 1 and shape.plain_kv_cache
+    if grpo and not shared:
+        notes.append("grpo: every row computes its prompt (rows cut into parts, or a model "
+                     "whose cache is not a plain KV cache)")
     # Rows of several examples carry a block-diagonal mask: packed rows, and random batches
     # laid out several examples to a row (data.batcher); length-grouped rows do not.
     segmented = not preference and not grpo and (cfg.data.packing is True
@@ -329,6 +383,7 @@ def workload(cfg, shape: ModelShape, backend: str, ranks: int = 1,
         completion_tokens=min(o.max_completion_tokens, width) if grpo else 0,
         top_p=o.top_p if grpo else 1.0,
         scored_before_step=grpo and (bool(o.beta) or o.num_iterations > 1),
+        shared_prompts=shared,
         # Gradients are summed over micro-batches (accumulation, max_batch_tokens splits)
         # and over ranks: a second copy of them is alive.
         grad_accumulation=t.grad_accumulation * (-(-rows // micro)) * ranks,

@@ -23,9 +23,8 @@ after stripping surrounding whitespace):
   completion (a JSON object) has with an equal value; 0 for invalid JSON; None where the
   reference is not a JSON object. `lists: jaccard` gives a list field partial credit: the
   Jaccard index of the two lists' items taken as sets (1 for two empty lists), where the
-  default (`lists: exact`) credits a list only when it equals the reference. Exact credit
-  makes the empty list the safe answer for a policy that samples list items: a sampled
-  list is rarely the reference's, and [] at least matches the references without items.
+  default (`lists: exact`) credits a list only when it equals the reference: one item
+  wrong or missing scores as the empty list does.
 - `exact_match`: 1 when completion and reference are equal after normalising (case folded,
   runs of whitespace as one space, stripped), else 0; None without a reference.
   These two need reference answers: a run whose prompts have none (prompt-only records) is

@@ -203,10 +203,6 @@ class ObjectiveConfig:
     loss_type: str = field(default="dapo", metadata=_choices("dapo", "grpo", "dr_grpo"))
     # Advantages: reward - group mean, divided by the std of the group / the batch, or not.
     scale_rewards: str = field(default="group", metadata=_choices("group", "batch", "none"))
-    # completion: one advantage per completion (TRL's); fields: the tokens of each JSON
-    # field's value take that field's own advantage (needs a field_match reward;
-    # mlxtune.objectives.field_credit).
-    advantages: str = field(default="completion", metadata=_choices("completion", "fields"))
     # Completions that hit max_completion_tokens take no part in the loss.
     mask_truncated_completions: bool = False
     # Optimisation steps per rollout batch (TRL's num_iterations, mu).

@@ -93,8 +93,7 @@ def _check_adapter(cfg: Config, where: str) -> None:
 # GRPO's own keys, and their defaults (set on another objective: an error).
 GRPO_KEYS = {"group_size": 8, "temperature": 1.0, "top_p": 1.0, "max_completion_tokens": 256,
              "epsilon": 0.2, "epsilon_high": None, "loss_type": "dapo",
-             "scale_rewards": "group", "advantages": "completion",
-             "mask_truncated_completions": False,
+             "scale_rewards": "group", "mask_truncated_completions": False,
              "num_iterations": 1, "rewards": [], "dense_base": "auto"}
 
 
@@ -116,13 +115,6 @@ def _check_grpo(cfg: Config, where: str) -> None:
     from mlxtune.objectives import rewards
 
     rewards.check(o.rewards, where)
-    if o.advantages == "fields":
-        matches = sum(r.name == "field_match" for r in o.rewards)
-        if matches != 1:
-            raise ConfigError(f"{where}: objective.advantages: fields credits each JSON field "
-                              "by the field_match reward, and objective.rewards has "
-                              f"{matches} of them: give exactly one "
-                              "({name: field_match, weight: 1.0})")
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")

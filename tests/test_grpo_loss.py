@@ -38,7 +38,7 @@ def test_advantages_and_zero_variance_groups(scale):
 
 def np_loss(lp, old, ref, adv, mask, loss_type, eps, eps_high, beta, max_tokens):
     ratio = np.exp(lp - old)
-    a = adv if adv.ndim == 2 else adv[:, None]  # per token, or per completion
+    a = adv[:, None]
     l = -np.minimum(ratio * a, np.clip(ratio, 1 - eps, 1 + eps_high) * a)
     if beta:
         l = l + beta * (np.exp(ref - lp) - (ref - lp) - 1)

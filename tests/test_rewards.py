@@ -150,15 +150,6 @@ def test_config_errors_name_the_key(tmp_path):
          "objective.rewards[0].lists: the json_valid reward does not use it"),
         ({"type": "grpo", "rewards": [{"function": "a.py:f", "lists": "jaccard"}]},
          "objective.rewards[0].lists: a function reward takes no lists"),
-        ({"type": "grpo", "advantages": "fields", "rewards": [{"name": "json_valid"}]},
-         "objective.advantages: fields credits each JSON field by the field_match reward, "
-         "and objective.rewards has 0 of them"),
-        ({"type": "grpo", "advantages": "fields",
-          "rewards": [{"name": "field_match"}, {"name": "field_match", "lists": "jaccard"}]},
-         "objective.rewards has 2 of them"),
-        ({"type": "grpo", "advantages": "tokens", "rewards": [{"name": "field_match"}]},
-         "objective.advantages: 'tokens' is not one of: completion, fields"),
-        ({"type": "sft", "advantages": "fields"}, "objective.advantages: a grpo key"),
         ({"type": "sft", "num_iterations": 2}, "objective.num_iterations: a grpo key"),
         ({"type": "dpo", "dense_base": True}, "objective.dense_base: a grpo key"),
     ]

@@ -7,8 +7,6 @@ With r_i the weighted reward of completion i (mlxtune.objectives.rewards):
 - advantages (`advantages`): A_i = r_i - mean(r of i's group), divided by std + 1e-4 where
   `scale_rewards` is `group` (the group's std) or `batch` (the whole batch's), not at all
   for `none`; std with Bessel's correction as torch's (TRL's).
-  With `objective.advantages: fields` the tokens of each JSON field's value take that
-  field's own advantage instead (mlxtune.objectives.field_credit).
 - per token t of completion i, with p the policy's log-prob, p_old the rollout policy's
   (the weights that sampled the batch; equal to p at a batch's first step) and
   ratio = exp(p - p_old):
@@ -70,11 +68,10 @@ def advantages(rewards: np.ndarray, group_size: int, scale: str = "group"
 def per_token_loss(logps: mx.array, old_logps: mx.array, adv: mx.array, epsilon: float,
                    epsilon_high: float, ref_logps: mx.array | None = None,
                    beta: float = 0.0) -> tuple[mx.array, dict]:
-    """l_it [B, T] from per-token log-probs [B, T] and advantages [B] (one a completion)
-    or [B, T] (one a token: objective.advantages fields); and per-token parts (kl,
-    clipped low / high as 0/1) for the metrics."""
+    """l_it [B, T] from per-token log-probs [B, T] and advantages [B]; and per-token
+    parts (kl, clipped low / high as 0/1) for the metrics."""
     ratio = mx.exp(logps - old_logps)
-    a = (adv if adv.ndim == 2 else adv[:, None]).astype(ratio.dtype)
+    a = adv[:, None].astype(ratio.dtype)
     lo, hi = mx.array(1 - epsilon, ratio.dtype), mx.array(1 + epsilon_high, ratio.dtype)
     clipped = mx.clip(ratio, lo, hi)
     loss = -mx.minimum(ratio * a, clipped * a)
@@ -107,8 +104,8 @@ def grpo_loss(logps, old_logps, adv, mask, *, loss_type: str = "dapo", epsilon: 
               epsilon_high: float | None = None, beta: float = 0.0, ref_logps=None,
               max_completion_tokens: int = 256) -> tuple[mx.array, mx.array, dict]:
     """(loss sum, weight, metric sums) from per-token log-probs [B, T], the rollout
-    policy's [B, T] (None: this pass's own, detached: the ratio is 1), advantages [B] or
-    [B, T], the completion mask [B, T]. Metric sums are over completion tokens (the caller
+    policy's [B, T] (None: this pass's own, detached: the ratio is 1), advantages [B],
+    the completion mask [B, T]. Metric sums are over completion tokens (the caller
     divides by their count: mask.sum(); returning that count here too breaks mx.compile,
     which merges it with dapo's weight into one output)."""
     if old_logps is None:
@@ -222,10 +219,7 @@ def grpo(model: nn.Module, tokens: mx.array, mask: mx.array, adv: mx.array,
          chunk: int = 0, prompts: mx.array | None = None, lengths: mx.array | None = None,
          group: int = 1):
     """The GRPO objective over a rollout batch: (loss sum, weight, metric sums); a shared
-    batch when `prompts` is given (shared_token_logps). Per-token advantages [B, L] are
-    laid out as `tokens` (each token's own), so that [:, 1:] lines up with the log-probs."""
-    if adv.ndim == 2:
-        adv = adv[:, 1:]
+    batch when `prompts` is given (shared_token_logps)."""
     if prompts is None:
         logps, m = token_logps(model, tokens, mask, temperature, chunk)
     else:

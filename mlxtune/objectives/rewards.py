@@ -106,24 +106,20 @@ def json_schema(prompts, completions, *, schema, **_):
 
 def field_match(prompts, completions, reference=None, *, lists="exact", **_):
     refs = reference if reference is not None else [None] * len(completions)
+    credit = _list_credit if lists == "jaccard" else _equal
     out = []
     for c, r in zip(completions, refs):
         ref = _parse(r)
         if not isinstance(ref, dict) or not ref:
             out.append(None)
             continue
-        out.append(sum(field_credits(_parse(text_of(c)), ref, lists).values()) / len(ref))
+        got = _parse(text_of(c))
+        if not isinstance(got, dict):
+            out.append(0.0)
+            continue
+        same = sum(credit(got[k], v) for k, v in ref.items() if k in got)
+        out.append(same / len(ref))
     return out
-
-
-def field_credits(got, ref: dict, lists: str = "exact") -> dict[str, float]:
-    """Each of the reference object's fields: 1 where the parsed completion `got` (a JSON
-    object) has an equal value, the list credit for lists (`lists`), 0 where it has
-    another value or none, or is not an object."""
-    if not isinstance(got, dict):
-        return {k: 0.0 for k in ref}
-    credit = _list_credit if lists == "jaccard" else _equal
-    return {k: float(credit(got[k], v)) if k in got else 0.0 for k, v in ref.items()}
 
 
 def _list_credit(a, b) -> float:

@@ -59,7 +59,7 @@ import numpy as np
 
 from mlxtune import adapters, decode
 from mlxtune.errors import DataError, TrainingStopped
-from mlxtune.objectives import field_credit, grpo, rollout
+from mlxtune.objectives import grpo, rollout
 from mlxtune.train.loop import PAD_MULTIPLE, Trainer, step_seed
 
 ROLLOUT_DIR = "rollouts"
@@ -208,17 +208,12 @@ class GRPOTrainer(Trainer):
             every = gather_rows(w, local, self.accum)
             adv, metrics = grpo.advantages(every[:, 0], G, o.scale_rewards)
             mine = adv.reshape(self.accum, w.size, -1)[:, w.rank]
-            batch_std = float(every[:, 0].std(ddof=1)) if len(every) > 1 else 0.0
-            arrays_of, fields_of = [], []
-            for (items, gens, owner, texts, table, total), a in zip(units, mine):
+            arrays_of = []
+            for (items, gens, *_), a in zip(units, mine):
                 collate = rollout.collate_shared if self.shared else rollout.collate
                 tokens, mask, *shared = collate([p.tokens for p in items], gens, G,
                                                 self.pad_id, self.pad_multiple,
                                                 o.mask_truncated_completions)
-                if o.advantages == "fields":
-                    a, fields = self._field_advantages(items, gens, owner, texts, table,
-                                                       total, a, batch_std, tokens.shape[1])
-                    fields_of.append(fields)
                 arrays = [tokens, mask, mx.array(a.astype(np.float32))]
                 if o.num_iterations > 1:  # the rollout policy's log-probs: the ratio's base
                     arrays.append(self._logps(tokens, mask, *shared))
@@ -241,26 +236,8 @@ class GRPOTrainer(Trainer):
         self._save(path, arrays_of, metrics)
         _, gens, owner, texts, table0, total0 = units[0]
         self._report(k, owner, texts, table0, total0, mine[0],
-                     [not g.stopped for g in gens], metrics,
-                     fields_of[0] if fields_of else None)
+                     [not g.stopped for g in gens], metrics)
         return arrays_of, metrics
-
-    def _field_advantages(self, items, gens, owner, texts, table, total, adv, batch_std,
-                          width) -> tuple[np.ndarray, list[dict]]:
-        """objective.advantages fields: [rows, width] advantages laid out as the collated
-        rows' tokens (each completion token its field's or its completion's; the stop token
-        and the rest its completion's), and each completion's field advantages."""
-        o = self.cfg.objective
-        col, weight, lists = field_credit.field_match_entry(self.rewards)
-        per_token, per_field = field_credit.token_advantages(
-            self.tokenizer, texts, [g.tokens for g in gens], [p.reference for p in owner],
-            table[:, col], total, adv, weight, lists, o.group_size, o.scale_rewards,
-            batch_std)
-        out = np.repeat(np.asarray(adv, np.float64)[:, None], width, axis=1)
-        for i, values in enumerate(per_token):
-            lead = 1 if self.shared else len(items[i // o.group_size].tokens)
-            out[i, lead:lead + len(values)] = values
-        return out, per_field
 
     def _save(self, path: Path, arrays_of: list[tuple], metrics: dict) -> None:
         """Rank 0 writes every rank's arrays (rank r's under `rank{r}`: an npz of its
@@ -298,25 +275,22 @@ class GRPOTrainer(Trainer):
                          for m in range(1 + max(m for m, _ in keys))]
         return arrays_of, metrics
 
-    def _report(self, k, owner, texts, table, total, adv, truncated, metrics,
-                fields=None) -> None:
+    def _report(self, k, owner, texts, table, total, adv, truncated, metrics) -> None:
         """Rank 0's first group (the batch's first prompt) to completions.jsonl on log_every
-        steps (with advantages: fields, each completion's field advantages); the warnings,
-        from the whole batch's metrics."""
+        steps; the warnings, from the whole batch's metrics."""
         o, t = self.cfg.objective, self.cfg.train
         first, last = k * o.num_iterations + 1, (k + 1) * o.num_iterations
         if self.world.main and (k == 0 or last // t.log_every > (first - 1) // t.log_every):
             with open(self.run_dir / SAMPLES_FILE, "a", encoding="utf-8") as f:
                 for i in range(o.group_size):
                     p = owner[i]
-                    extra = {"field_advantages": fields[i]} if fields else {}
                     f.write(json.dumps({
                         "step": first, "source": p.source,
                         "prompt": p.prompt, "completion": texts[i], "reference": p.reference,
                         "reward": float(total[i]), "advantage": float(adv[i]),
                         "rewards": {n: (None if math.isnan(table[i, j]) else float(table[i, j]))
                                     for j, n in enumerate(self.rewards.names)},
-                        "truncated": bool(truncated[i]), **extra}, ensure_ascii=False) + "\n")
+                        "truncated": bool(truncated[i])}, ensure_ascii=False) + "\n")
         step = f"step {first}"
         if metrics["frac_reward_zero_std"] > WARN_SHARE:
             self.progress.message(

@@ -40,7 +40,10 @@ if [ "$(uname -s)" = "Linux" ]; then
     fi
     if ! shim_clang_ok; then
       for v in 21 20 19 18 17; do
-        if apt-cache policy "clang-$v" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        # Not piped into grep -q: under pipefail, grep leaving early makes apt-cache's
+        # SIGPIPE the pipeline's status, and no clang-NN got installed.
+        policy=$(apt-cache policy "clang-$v" 2>/dev/null || true)
+        if grep -q 'Candidate: [0-9]' <<<"$policy"; then
           DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "clang-$v" >/dev/null
           break
         fi

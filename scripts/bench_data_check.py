@@ -42,7 +42,7 @@ def main() -> None:
     import mlxtune  # noqa: F401
     from mlxtune import config
     from mlxtune.datacheck import check, minhash, text
-    from mlxtune.datacheck.check import load
+    from mlxtune.datacheck.overlap import load
 
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     data = args.data

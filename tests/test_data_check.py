@@ -296,7 +296,7 @@ def test_preference_conflicts_are_reversed_pairs():
             {"prompt": "p1", "chosen": "b", "rejected": "a"},  # reverses the first
             {"prompt": "p1", "chosen": "a", "rejected": "c"},  # another pair: fine
             {"prompt": "p2", "chosen": "x", "rejected": "y"}]
-    from mlxtune.datacheck.check import Loaded, conflicts
+    from mlxtune.datacheck.overlap import Loaded, conflicts
 
     recs = [data.Record(r, f"p:{i + 1}") for i, r in enumerate(rows)]
     loaded = Loaded({"train": recs, "valid": [], "test": []}, "preference", [],

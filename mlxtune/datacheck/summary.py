@@ -41,7 +41,7 @@ def _data_key(cfg: Config, *extra) -> str:
 
 def summary(cfg: Config) -> dict:
     """{"examples": {split: n}, "format", "leakage": {"valid", "test", "split_key"}}."""
-    from mlxtune.datacheck.check import load, leakage, similar, split_key_leakage
+    from mlxtune.datacheck.overlap import load, leakage, similar, split_key_leakage
 
     key = _data_key(cfg)
     with _LOCK:
@@ -66,7 +66,7 @@ def truncation(cfg: Config) -> dict:
     objective.max_completion_tokens)."""
     from mlxtune.data.splits import load_splits
     from mlxtune.datacheck import tokens
-    from mlxtune.datacheck.check import reads_prompts
+    from mlxtune.datacheck.overlap import reads_prompts
 
     grpo = reads_prompts(cfg)
     key = _data_key(cfg, cfg.model.path, cfg.model.revision, grpo)

@@ -331,6 +331,16 @@ def test_schedules():
     assert float(const(mx.array(50))) == pytest.approx(0.3)
 
 
+def test_events_reader_takes_a_run_directory_made_while_it_looked(tmp_path, monkeypatch):
+    """A reader polling a run directory that `mlxtune run` creates between the reader's
+    is_dir() and its read (seen in CI): the events inside, not IsADirectoryError."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "events.jsonl").write_text(json.dumps({"event": "start"}) + "\n")
+    monkeypatch.setattr(Path, "is_dir", lambda self: False)  # as before the mkdir
+    assert [e["event"] for e in read_events(run_dir)] == ["start"]
+
+
 def test_events_reader_tolerates_a_torn_line(tmp_path):
     good = {"event": "train", "time": 1.0, "step": 1, "loss": 2.0}
     (tmp_path / "events.jsonl").write_text(json.dumps(good) + "\n" + '{"event": "tra')

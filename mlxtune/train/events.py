@@ -71,6 +71,8 @@ def read_events(path: Path) -> list[dict]:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return events
+    except IsADirectoryError:  # the run directory was made after is_dir() looked
+        return read_events(path / EVENTS_FILE)
     for line in text.splitlines():
         try:
             obj = json.loads(line)

@@ -55,9 +55,9 @@ def report() -> dict:
 
 def kernel_line() -> str:
     """One line on the kernel self-checks run in this process (`report`)."""
-    from mlxtune.quant import kernels
+    from mlxtune.quant import kernel_check
 
-    records = kernels.self_check_results()
+    records = kernel_check.self_check_results()
     if not records:
         return "none run in this process (`mlxtune doctor --kernels` runs every one)"
     failed = [r["kernel"] for r in records if r["status"] != "ok"]
@@ -85,14 +85,14 @@ def shim_module():
 
 
 def _not_run(source: str, reason: str) -> list:
-    from mlxtune.quant import kernels
+    from mlxtune.quant import kernel_check
 
-    return [{"kernel": kernels.kernel_name(fmt, op, dtype, lora, transpose), "backend": source,
+    return [{"kernel": kernel_check.kernel_name(fmt, op, dtype, lora, transpose), "backend": source,
              "runner": None, "format": fmt, "op": op, "dtype": dtype, "lora": lora,
              "transpose": transpose, "status": "not run", "max_error": None,
              "tolerance": None, "message": reason}
-            for fmt in kernels.FORMATS for dtype in kernels.DTYPES
-            for op, lora, transpose in kernels.VARIANTS]
+            for fmt in kernel_check.FORMATS for dtype in kernel_check.DTYPES
+            for op, lora, transpose in kernel_check.VARIANTS]
 
 
 def check_kernels(shim=None, log=None) -> tuple[list, list]:
@@ -101,13 +101,13 @@ def check_kernels(shim=None, log=None) -> tuple[list, list]:
     Metal / CUDA; on the CPU the C++ shim of a source checkout for each backend's source,
     where its compiler is present. Returns (notes, records)."""
     from mlxtune import backend
-    from mlxtune.quant import kernels
+    from mlxtune.quant import kernel_check, kernels
 
     be = backend.name()
     if be in ("metal", "cuda"):
         notes = [f"GPU ({be}): each kernel launched through MLX's {be} kernel API, against "
                  "dequantize + matmul"]
-        return notes, kernels.self_check_all()
+        return notes, kernel_check.self_check_all()
     notes = ["no GPU: MLX's backend is the CPU here, so no kernel ran on a GPU"]
     shim = shim if shim is not None else shim_module()
     records = []
@@ -125,7 +125,7 @@ def check_kernels(shim=None, log=None) -> tuple[list, list]:
             log(f"{source}: compiling and running {len(_not_run(source, ''))} kernels through "
                 "the C++ shim (cached after the first time)")
         with kernels.use_runner(shim.run_launch, source, "shim"):
-            records += kernels.self_check_all()
+            records += kernel_check.self_check_all()
     return notes, records
 
 

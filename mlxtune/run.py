@@ -19,7 +19,7 @@ from mlxtune.config import Config, EvalConfig, dump
 from mlxtune.data.batcher import training_batches
 from mlxtune.data.preference import encode_pairs
 from mlxtune.errors import ConfigError, DataError
-from mlxtune.quant import kernels
+from mlxtune.quant import kernel_check
 from mlxtune.train import checkpoint, distributed, tracking
 from mlxtune.train.events import EventWriter, read_events
 from mlxtune.train.loop import PAD_MULTIPLE, Result, Trainer
@@ -236,7 +236,7 @@ def run(cfg: Config, run_dir: Path | None = None, resume: bool = False,
         info = backend.device_info()
         dtype = backend.dtype_name(backend.compute_dtype(cfg.model.dtype))
         # Our kernels' first-use self-checks (Metal/CUDA): run before step 1, recorded here.
-        kernel_checks = kernels.self_check_summary(quant.own_formats(model), dtype)
+        kernel_checks = kernel_check.self_check_summary(quant.own_formats(model), dtype)
         cpu_kernels = native.status_line()
         events.emit("start", config=cfg.to_dict(), trainable_params=trainable,
                     total_params=total, backend=info["backend"], blas=info["blas"],

@@ -1,4 +1,4 @@
-"""The kernels' first-use self-check, its fallback and its record (mlxtune.quant.kernels),
+"""The kernels' first-use self-check, its fallback and its record (mlxtune.quant.kernel_check),
 with the kernel runner swapped for an injected one or the C++ shim: the same machinery
 that runs on Metal / CUDA. Also the GPU profile's dispatch served by the reference, and
 `mlxtune doctor --kernels`."""
@@ -14,18 +14,18 @@ from click.testing import CliRunner
 import kernel_shim
 from mlxtune import backend, doctor
 from mlxtune.cli import cli
-from mlxtune.quant import formats, kernels, layouts
+from mlxtune.quant import formats, kernel_check, kernels, layouts
 
 needs_metal_shim = pytest.mark.skipif(kernel_shim.metal_problem() is not None,
                                       reason=f"Metal shim: {kernel_shim.metal_problem()}")
-LOGGER = "mlxtune.quant.kernels"
+LOGGER = "mlxtune.quant.kernel_check"
 
 
 @pytest.fixture(autouse=True)
 def fresh_records():
-    kernels.reset_self_checks()
+    kernel_check.reset_self_checks()
     yield
-    kernels.reset_self_checks()
+    kernel_check.reset_self_checks()
 
 
 def problem(fmt="nf4", M=40, dtype=mx.float32, lora=True, transpose=False, seed=0):
@@ -57,7 +57,7 @@ def problem(fmt="nf4", M=40, dtype=mx.float32, lora=True, transpose=False, seed=
 def close(y, want, dtype="float32"):
     """Within the self-check's own tolerance (float32 sums of 260 terms, rounded to dtype)."""
     got = np.array(y.astype(mx.float32), np.float64)
-    tol = kernels.tolerance(dtype, 260, np.abs(want).max(), 2 * np.abs(want).max() * 16)
+    tol = kernel_check.tolerance(dtype, 260, np.abs(want).max(), 2 * np.abs(want).max() * 16)
     return np.abs(got - want).max() <= tol
 
 
@@ -90,9 +90,9 @@ class Runner:
 
 
 def test_tolerance_follows_dtype_and_length():
-    assert kernels.tolerance("bfloat16", 256, 1.0, 0.0) == 2.0 ** -7
-    assert kernels.tolerance("float16", 256, 1.0, 0.0) == 2.0 ** -10
-    assert kernels.tolerance("float32", 512, 0.0, 1.0) > kernels.tolerance("float32", 256, 0.0, 1.0)
+    assert kernel_check.tolerance("bfloat16", 256, 1.0, 0.0) == 2.0 ** -7
+    assert kernel_check.tolerance("float16", 256, 1.0, 0.0) == 2.0 ** -10
+    assert kernel_check.tolerance("float32", 512, 0.0, 1.0) > kernel_check.tolerance("float32", 256, 0.0, 1.0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -121,7 +121,7 @@ def test_gpu_profile_takes_the_dispatch_to_the_launch(monkeypatch):
     y = kernels.matmul("nf4", x, arrays, lora=args)
     assert seen[-2:] == ["prepare", "mlxtune_qmv_nf4_lora"]
     assert close(y, want)
-    assert kernels.self_check_results() == []
+    assert kernel_check.self_check_results() == []
 
 
 def test_launch_checks_catch_a_bad_launch():
@@ -154,7 +154,7 @@ def test_failing_kernel_falls_back_once_with_one_warning(monkeypatch, caplog, mo
     assert len(warnings) == 2
     line = warnings[0].getMessage()
     assert "\n" not in line and "mlxtune_qmm_nf4_lora[bfloat16]" in line and status in line
-    (record,) = [r for r in kernels.self_check_results()
+    (record,) = [r for r in kernel_check.self_check_results()
                  if r["kernel"] == "mlxtune_qmm_nf4_lora[bfloat16]"]
     assert record["status"] == status
     assert (record["backend"], record["runner"], record["format"], record["op"],
@@ -178,7 +178,7 @@ def test_good_kernel_is_launched_after_its_check(monkeypatch, caplog):
     assert runner.calls == ["mlxtune_qmm_q6_k_t"] * 4   # the check, then every call
     assert close(y, want)
     assert not [r for r in caplog.records if r.name == LOGGER]
-    (record,) = kernels.self_check_results()
+    (record,) = kernel_check.self_check_results()
     assert record["status"] == "ok" and record["max_error"] <= record["tolerance"]
 
 
@@ -204,15 +204,15 @@ def test_the_gpu_backend_uses_mlx_runner_through_the_same_check(monkeypatch, cap
     assert launched == ["mlxtune_qmv_nf4_lora"]
     assert close(y, want)
     assert len([r for r in caplog.records if r.name == LOGGER]) == 1
-    assert kernels.self_check_summary()[0]["status"] == "error"
+    assert kernel_check.self_check_summary()[0]["status"] == "error"
 
 
 def test_summary_is_json_and_checks_a_models_formats_first(monkeypatch):
     runner = Runner("good")
-    assert kernels.self_check_summary(formats=["nf4"], dtype=mx.bfloat16) == []   # no runner
+    assert kernel_check.self_check_summary(formats=["nf4"], dtype=mx.bfloat16) == []   # no runner
     with kernels.use_runner(runner, "metal", "test"):
-        summary = kernels.self_check_summary(formats=["nf4"], dtype=mx.bfloat16)
-    assert len(summary) == len(kernels.VARIANTS)
+        summary = kernel_check.self_check_summary(formats=["nf4"], dtype=mx.bfloat16)
+    assert len(summary) == len(kernel_check.VARIANTS)
     assert {r["dtype"] for r in summary} == {"bfloat16"}
     assert {r["status"] for r in summary} == {"ok"}
     assert json.loads(json.dumps(summary)) == summary
@@ -235,7 +235,7 @@ def test_broken_source_through_the_shim_falls_back(monkeypatch, caplog):
     (warning,) = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert "mlxtune_qmm_nf4_lora[float32]" in warning and "\n" not in warning
     assert "error" in warning and "expected ';'" in warning
-    (record,) = kernels.self_check_results()
+    (record,) = kernel_check.self_check_results()
     assert record["status"] == "error" and "CompileError" in record["message"]
 
 
@@ -251,7 +251,7 @@ def test_wrong_arithmetic_through_the_shim_is_a_mismatch(monkeypatch, caplog):
             kernels.use_runner(kernel_shim.run_launch, "metal", "shim"):
         y = kernels.matmul("nf4", x, arrays)
     assert close(y, want, "bfloat16")
-    (record,) = kernels.self_check_results()
+    (record,) = kernel_check.self_check_results()
     assert record["status"] == "mismatch" and record["max_error"] > record["tolerance"]
     assert len([r for r in caplog.records if r.name == LOGGER]) == 1
 
@@ -259,7 +259,7 @@ def test_wrong_arithmetic_through_the_shim_is_a_mismatch(monkeypatch, caplog):
 @needs_metal_shim
 def test_the_real_sources_pass_their_self_check_through_the_shim():
     with kernels.use_runner(kernel_shim.run_launch, "metal", "shim"):
-        records = kernels.self_check_all(dtypes=("bfloat16",))
+        records = kernel_check.self_check_all(dtypes=("bfloat16",))
     assert [r["status"] for r in records] == ["ok"] * len(records) == ["ok"] * 12
 
 
@@ -285,7 +285,7 @@ def test_doctor_kernels_on_the_cpu(monkeypatch):
     assert out.exit_code == 0, out.output
     assert "no GPU" in out.output
     rows = [ln for ln in out.output.splitlines() if ln.startswith("mlxtune_q")]
-    assert len(rows) == 2 * len(kernels.FORMATS) * len(kernels.DTYPES) * len(kernels.VARIANTS)
+    assert len(rows) == 2 * len(kernel_check.FORMATS) * len(kernel_check.DTYPES) * len(kernel_check.VARIANTS)
     assert sum(" ok " in r for r in rows) == 36 and sum("not run" in r for r in rows) == 36
     assert "kernel self-check  36 ok" in out.output
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlxtune import backend
-from mlxtune.quant import QuantLinear, formats, kernels, layouts
+from mlxtune.quant import QuantLinear, formats, kernel_check, kernels, layouts
 
 
 def _gpu() -> str | None:
@@ -106,8 +106,8 @@ def test_half_precision_on_the_gpu(dtype, M, transpose, lora):
 
 def test_every_kernel_passes_its_self_check_on_the_gpu():
     """Every format x dtype x variant, through MLX's kernel API: 'ok', none falls back."""
-    kernels.reset_self_checks()
-    records = kernels.self_check_all()
+    kernel_check.reset_self_checks()
+    records = kernel_check.self_check_all()
     bad = [r for r in records if r["status"] != "ok"]
     assert not bad, "\n".join(f"{r['kernel']}: {r['status']} {r['message'][:300]}" for r in bad)
     assert {r["runner"] for r in records} == {"mlx"}
@@ -115,13 +115,13 @@ def test_every_kernel_passes_its_self_check_on_the_gpu():
 
 
 def test_matmul_launches_the_checked_kernel():
-    kernels.reset_self_checks()
+    kernel_check.reset_self_checks()
     arrays, w = weights("q6_k")
     x = np.random.default_rng(3).standard_normal((33, 512)).astype(np.float32)
     got = np.array(kernels.matmul("q6_k", mx.array(x), arrays))
     np.testing.assert_allclose(got, x.astype(np.float64) @ w.T, rtol=1e-4,
                                atol=1e-4 * np.abs(got).max())
-    (record,) = kernels.self_check_results()
+    (record,) = kernel_check.self_check_results()
     assert (record["kernel"], record["runner"], record["status"]) == (
         "mlxtune_qmm_q6_k[float32]", "mlx", "ok")
 

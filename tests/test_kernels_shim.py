@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kernel_shim
-from mlxtune.quant import formats, kernels, layouts
+from mlxtune.quant import formats, kernel_check, kernels, layouts
 
 N_OUT, K_IN = 80, 512      # neither a multiple of the 32 x 32 tile in every direction
 BACKENDS = [
@@ -235,7 +235,7 @@ def test_gpu_dispatch_with_fused_lora_and_its_vjp(monkeypatch, backend):
         return kernel_shim.run_launch(be, spec, launch, dtype)
 
     monkeypatch.setenv("MLXTUNE_PROFILE", "gpu")
-    kernels.reset_self_checks()
+    kernel_check.reset_self_checks()
     layers._gpu_matmul.cache_clear()
     arrays, w = weights("q6_k")
     lora = LoRALinear(QuantLinear("q6_k", arrays, K_IN, N_OUT), rank=4, scale=0.5)
@@ -254,7 +254,7 @@ def test_gpu_dispatch_with_fused_lora_and_its_vjp(monkeypatch, backend):
         (value, grads), dx = mx.value_and_grad(loss)(lora.trainable_parameters(), mx.array(x)), \
             mx.grad(loss, argnums=1)(lora.trainable_parameters(), mx.array(x))
         mx.eval(value, grads, dx)
-    kernels.reset_self_checks()
+    kernel_check.reset_self_checks()
     layers._gpu_matmul.cache_clear()
     assert {"mlxtune_qmm_q6_k_lora", "mlxtune_qmm_q6_k_t"} <= set(calls)
     x64, g64, a64, b64 = (v.astype(np.float64).reshape(-1, v.shape[-1]) for v in (x, g, a, b))
